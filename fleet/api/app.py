@@ -1,0 +1,44 @@
+"""``create_app(settings)``: the FastAPI application of one node."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from fleet import __version__
+from fleet.api import errors
+from fleet.api.middleware import BodyLimit, HttpMetrics
+from fleet.api.routes import health, nodes, sessions
+from fleet.node import Node
+from fleet.settings import Settings
+
+
+def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
+    """The app runs ``node`` (a new ``Node(settings)`` by default) for its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        running = node if node is not None else Node(settings)
+        app.state.node = running
+        await running.start()
+        try:
+            yield
+        finally:
+            await running.stop()
+
+    app = FastAPI(
+        title="fleet",
+        version=__version__,
+        description="Long-lived worker sessions on a fleet of stateless nodes.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    app.include_router(sessions.router)
+    app.include_router(nodes.router)
+    app.include_router(health.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(HttpMetrics)
+    return app

@@ -1,0 +1,167 @@
+"""Sessions: start, read, list, close, and the worker's metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from fleet.api.deps import CallId, NodeDep, SessionId
+from fleet.errors import SessionNotFound
+from fleet.keys import make_ref
+from fleet.models import CloseAccepted, SessionInfo, SessionList, SessionPage, State
+from fleet.settings import ID_PATTERN
+
+router = APIRouter(tags=["sessions"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such session (or its tombstone expired)."},
+    422: {"description": "A malformed id, body or parameter."},
+}
+
+
+class StartRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    call_type: str = Field(default="default", pattern=ID_PATTERN)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SessionMetrics(BaseModel):
+    session_id: str
+    call_id: str
+    node_id: str
+    state: State
+    metrics: dict[str, float]
+    started_at: float
+    ended_at: float | None
+    duration_seconds: float
+
+
+@router.post(
+    "/calls/{call_id}/sessions",
+    status_code=201,
+    response_model=SessionInfo,
+    responses={
+        429: {"description": "A limit refused the session (see code)."},
+        503: {"description": "This node is draining or not ready; retry another."},
+        **ERRORS,
+    },
+)
+async def start_session(
+    call_id: CallId, node: NodeDep, body: Annotated[StartRequest | None, Body()] = None
+) -> SessionInfo:
+    body = body or StartRequest()
+    record = await node.start_session(call_id, body.call_type, body.params)
+    return record.info()
+
+
+@router.get("/calls/{call_id}/sessions", response_model=SessionList, responses=ERRORS)
+async def list_call_sessions(call_id: CallId, node: NodeDep) -> SessionList:
+    records = await node.registry.list_call(call_id)
+    return SessionList(sessions=[r.info() for r in records])
+
+
+@router.get("/calls/{call_id}/sessions/{session_id}", response_model=SessionInfo, responses=ERRORS)
+async def get_session(call_id: CallId, session_id: SessionId, node: NodeDep) -> SessionInfo:
+    return (await node.get_session(call_id, session_id)).info()
+
+
+WaitSeconds = Annotated[
+    float | None,
+    Query(ge=0, le=300, description="Wait up to this many seconds for the session to end."),
+]
+
+
+async def _close(
+    call_id: str, session_id: str, node: NodeDep, wait: float | None, response: Response
+) -> SessionInfo | CloseAccepted:
+    record = await node.close_session(call_id, session_id, wait=wait)
+    if record is None:
+        response.status_code = 202
+        return CloseAccepted()
+    return record.info()
+
+
+CLOSE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": SessionInfo, "description": "The session has ended."},
+    202: {"model": CloseAccepted, "description": "Closing; the owner has been told."},
+    **ERRORS,
+}
+
+
+@router.delete(
+    "/calls/{call_id}/sessions/{session_id}",
+    response_model=SessionInfo | CloseAccepted,
+    responses=CLOSE_RESPONSES,
+)
+async def close_session(
+    call_id: CallId,
+    session_id: SessionId,
+    node: NodeDep,
+    response: Response,
+    wait: WaitSeconds = None,
+) -> SessionInfo | CloseAccepted:
+    return await _close(call_id, session_id, node, wait, response)
+
+
+@router.post(
+    "/calls/{call_id}/sessions/{session_id}/close",
+    response_model=SessionInfo | CloseAccepted,
+    responses=CLOSE_RESPONSES,
+)
+async def close_session_beacon(
+    call_id: CallId,
+    session_id: SessionId,
+    node: NodeDep,
+    response: Response,
+    wait: WaitSeconds = None,
+) -> SessionInfo | CloseAccepted:
+    """The same as DELETE, for ``navigator.sendBeacon`` (which can only POST)."""
+    return await _close(call_id, session_id, node, wait, response)
+
+
+@router.get(
+    "/calls/{call_id}/sessions/{session_id}/metrics",
+    response_model=SessionMetrics,
+    responses=ERRORS,
+)
+async def session_metrics(call_id: CallId, session_id: SessionId, node: NodeDep) -> SessionMetrics:
+    """The worker's ``ctx.metrics``: live from the owner, or as last reported to Redis by
+    the owner's maintenance pass when asked of another node."""
+    record = await node.get_session(call_id, session_id)
+    local = node.sessions.get(make_ref(call_id, session_id))
+    values = dict(local.ctx.metrics) if local is not None else record.metrics
+    end = record.ended_at or time.time()
+    return SessionMetrics(
+        session_id=record.session_id,
+        call_id=record.call_id,
+        node_id=record.node_id,
+        state=State(record.state),
+        metrics=values,
+        started_at=record.started_at,
+        ended_at=record.ended_at,
+        duration_seconds=round(max(0.0, end - record.started_at), 3),
+    )
+
+
+@router.get("/sessions", response_model=SessionPage, responses=ERRORS)
+async def list_sessions(
+    node: NodeDep,
+    state: State | None = None,
+    node_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,9}$")] = None,
+) -> SessionPage:
+    records, next_cursor = await node.registry.list_sessions(
+        state=state, node_id=node_id, limit=limit, cursor=int(cursor or 0)
+    )
+    return SessionPage(
+        sessions=[r.info() for r in records],
+        next_cursor=None if next_cursor is None else str(next_cursor),
+    )
+
+
+__all__ = ["router", "SessionNotFound"]

@@ -1,0 +1,87 @@
+"""The ``fleet`` command: ``serve`` a node, ``run`` one session in the console."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from typing import Any
+
+from fleet import __version__
+from fleet.errors import FleetError
+from fleet.logs import configure
+from fleet.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "worker": getattr(args, "worker", None),
+        "workers": getattr(args, "workers", None),
+        **extra,
+    }
+    return load_settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fleet.server import serve
+
+    settings = _settings(args)
+    configure(settings.log_level, settings.log_format)
+    return serve(settings)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fleet.console import run_one
+
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as exc:
+        raise FleetError(f"--params is not JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise FleetError("--params must be a JSON object")
+    settings = _settings(args, redis_url=None)
+    configure("warning", settings.log_format)
+    return asyncio.run(run_one(settings, args.call_id, params))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleet", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fleet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a node (settings from FLEET_* variables)")
+    serve.add_argument("--host", help="address to bind (FLEET_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (FLEET_PORT, default 8000)")
+    serve.add_argument("--worker", help="worker import string module:attr (FLEET_WORKER)")
+    serve.add_argument(
+        "--workers", type=int, help="processes; more than 1 runs gunicorn (FLEET_WORKERS)"
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    run = sub.add_parser("run", help="run one session in this console, printing its events")
+    run.add_argument("--worker", help="worker import string module:attr")
+    run.add_argument("--params", default="{}", help="the session's params, a JSON object")
+    run.add_argument("--call-id", default="console", help="the call id (default: console)")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except FleetError as exc:
+        print(f"fleet: {exc.detail}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Close requests and hand-overs between nodes: each node listens on its own channel.
+
+The durable close flag lives in the session record (``request_close.lua`` sets it and
+publishes in one step); the message only makes the owner act at once. A message lost
+while a connection was down is caught by the maintenance pass, which reads the flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("fleet.control")
+
+
+@dataclass(frozen=True)
+class Message:
+    op: str  # "close" (to the owner) or "ended" (back to whoever waits for the end)
+    ref: str
+    reason: str = ""
+    reply_to: str = ""
+
+    def encode(self) -> str:
+        return json.dumps(self.__dict__, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str) -> Message | None:
+        try:
+            data = json.loads(raw)
+            return cls(
+                op=str(data["op"]),
+                ref=str(data["ref"]),
+                reason=str(data.get("reason", "")),
+                reply_to=str(data.get("reply_to", "")),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+Handler = Callable[[Message], None]
+
+
+class ControlListener:
+    """Subscribes to this node's channel, resubscribing after any connection loss.
+
+    ``on_subscribed`` runs after every (re)subscription: the node then reads its sessions'
+    close flags, since messages published meanwhile were lost.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        channel: str,
+        handler: Handler,
+        on_subscribed: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._redis = redis
+        self._channel = channel
+        self._handler = handler
+        self._on_subscribed = on_subscribed
+        self.subscribed = False
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                self.subscribed = True
+                backoff = 0.1
+                await self._on_subscribed()
+                while True:
+                    raw = await pubsub.get_message(timeout=1.0)
+                    if raw is None or raw.get("type") != "message":
+                        continue
+                    message = Message.decode(raw["data"])
+                    if message is None:
+                        log.warning("ignored a malformed control message")
+                        continue
+                    self._handler(message)
+            except (RedisError, OSError) as exc:
+                if self.subscribed:
+                    log.warning("control channel lost (%s); resubscribing", type(exc).__name__)
+                self.subscribed = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                self.subscribed = False
+                try:
+                    await pubsub.aclose()
+                except (RedisError, OSError):
+                    pass

@@ -1,0 +1,61 @@
+"""One error hierarchy. HTTP status codes appear only in the API's exception handlers."""
+
+from __future__ import annotations
+
+
+class FleetError(Exception):
+    """Root of every error fleet raises on purpose. ``code`` is the machine-readable name."""
+
+    code = "error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ConfigError(FleetError):
+    code = "invalid_settings"
+
+
+class WorkerLoadError(FleetError):
+    code = "worker_load_error"
+
+
+class InvalidParams(FleetError):
+    """The worker refused the session's ``params``."""
+
+    code = "invalid_params"
+
+
+class SessionNotFound(FleetError):
+    code = "not_found"
+
+
+class AdmissionRejected(FleetError):
+    """A limit refused a new session. ``code`` names the limit."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+class NotAccepting(FleetError):
+    """This node takes no new sessions now (draining, or not ready)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+class LeaseLost(FleetError):
+    """This node no longer owns the session: another took it over, or the lease lapsed."""
+
+    code = "lease_lost"
+
+
+class CheckpointTooLarge(FleetError):
+    code = "checkpoint_too_large"
+
+
+class RedisUnavailable(FleetError):
+    code = "redis_unavailable"

@@ -1,0 +1,98 @@
+"""Every Redis key and channel name fleet uses, built in this one place.
+
+Layout: ``<prefix>:{<tag>}:<kind>[:<id>]``. The id is always the last part and the kinds are
+fixed words, so two distinct ids can never build the same key, and since ids cannot hold
+``{`` or ``}`` no id can move a key to another hash slot or out of the prefix.
+
+Two hash tags decide where keys live on Redis Cluster:
+
+* ``{g}``, the fleet-wide slot: node leases, per-node session sets and the admission
+  counters. Admission must check the per-call, fleet-wide and per-node counts and reserve
+  the slot in one atomic step, so every key that step reads lives in one slot.
+* ``{c:<call_id>}``, one slot per call: the session records, the call's indexes,
+  checkpoints and event streams. Closing, ending or fencing a session is one atomic step
+  on keys of one call, so they run on whichever shard holds that call.
+
+A session reference (``ref``) is ``<call_id>/<session_id>``: ``/`` is not an id character,
+so it splits back unambiguously.
+"""
+
+from __future__ import annotations
+
+REF_SEPARATOR = "/"
+
+
+def make_ref(call_id: str, session_id: str) -> str:
+    return f"{call_id}{REF_SEPARATOR}{session_id}"
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    call_id, _, session_id = ref.partition(REF_SEPARATOR)
+    return call_id, session_id
+
+
+class Keys:
+    """Pure key builders under one configurable prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._global = f"{prefix}:{{g}}"
+
+    # -- fleet-wide slot ------------------------------------------------------------------
+    def nodes(self) -> str:
+        """ZSET node_id -> lease expiry (ms, Redis clock). A node is live while its score
+        is in the future."""
+        return f"{self._global}:nodes"
+
+    def node_info(self, node_id: str) -> str:
+        """HASH of what a node reports about itself (host, capacity, draining, ...)."""
+        return f"{self._global}:node-info:{node_id}"
+
+    def node_sessions(self, node_id: str) -> str:
+        """SET of refs a node holds an admission slot for: the per-node index."""
+        return f"{self._global}:node-sessions:{node_id}"
+
+    def call_counts(self) -> str:
+        """HASH call_id -> live sessions, for the per-call limit."""
+        return f"{self._global}:call-counts"
+
+    def live(self) -> str:
+        """ZSET ref -> start time (ms) of every live session in the fleet."""
+        return f"{self._global}:live"
+
+    def ended(self) -> str:
+        """ZSET ref -> end time (ms) of recently ended sessions, trimmed to the tombstone TTL."""
+        return f"{self._global}:ended"
+
+    # -- one slot per call ----------------------------------------------------------------
+    def _call(self, call_id: str) -> str:
+        return f"{self.prefix}:{{c:{call_id}}}"
+
+    def session(self, call_id: str, session_id: str) -> str:
+        """HASH: the session record (owner node, epoch, state, close flag, ...)."""
+        return f"{self._call(call_id)}:session:{session_id}"
+
+    def call_live(self, call_id: str) -> str:
+        """ZSET session_id -> start time (ms) of the call's live sessions."""
+        return f"{self._call(call_id)}:live"
+
+    def call_ended(self, call_id: str) -> str:
+        """ZSET session_id -> end time (ms) of the call's ended sessions."""
+        return f"{self._call(call_id)}:ended"
+
+    def checkpoint(self, call_id: str, session_id: str) -> str:
+        """LIST of the latest checkpoints, newest first."""
+        return f"{self._call(call_id)}:checkpoint:{session_id}"
+
+    def events(self, call_id: str, session_id: str) -> str:
+        """STREAM of the session's events."""
+        return f"{self._call(call_id)}:events:{session_id}"
+
+    # -- channels -------------------------------------------------------------------------
+    def node_channel_prefix(self) -> str:
+        """Scripts that must notify a session's owner append the owner's node id to this."""
+        return f"{self.prefix}:chan:node:"
+
+    def node_channel(self, node_id: str) -> str:
+        """Pub/sub channel a node listens on for close requests and hand-overs."""
+        return f"{self.node_channel_prefix()}{node_id}"

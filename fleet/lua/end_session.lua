@@ -1,0 +1,41 @@
+-- end_session: turn a live session into a tombstone, fenced by owner and epoch.
+-- KEYS[1] session      HASH
+-- KEYS[2] call_live    ZSET session_id -> start time (ms)
+-- KEYS[3] call_ended   ZSET session_id -> end time (ms)
+-- KEYS[4] checkpoint   checkpoint list (expires with the tombstone)
+-- KEYS[5] events       event stream (expires with the tombstone)
+-- ARGV[1] owner node_id   ARGV[2] epoch ('' = any epoch of that owner)
+-- ARGV[3] end_reason      ARGV[4] ended_at (unix seconds)   ARGV[5] tombstone TTL (s)
+-- ARGV[6] error summary ('' = none)   ARGV[7] stream max length (approximate)
+-- ARGV[8] session_ended event data (JSON)
+-- Returns 1 ended now, 0 no such session, 2 already ended, -1 fenced (owner moved on).
+local rec = redis.call('HMGET', KEYS[1], 'node_id', 'epoch', 'state', 'session_id')
+if not rec[1] then
+  return 0
+end
+if rec[3] == 'ended' then
+  return 2
+end
+if rec[1] ~= ARGV[1] or (ARGV[2] ~= '' and rec[2] ~= ARGV[2]) then
+  return -1
+end
+local ttl = tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_at', ARGV[4], 'end_reason', ARGV[3])
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'error', ARGV[6])
+end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'type', 'session_ended', 'data', ARGV[8])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[4], ttl)
+redis.call('EXPIRE', KEYS[5], ttl)
+
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREM', KEYS[2], rec[4])
+redis.call('ZADD', KEYS[3], now, rec[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - ttl * 1000)
+-- The call's indexes outlive its last live session by one tombstone TTL.
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+return 1

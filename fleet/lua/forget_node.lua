@@ -1,0 +1,13 @@
+-- forget_node: drop a dead node from the registry once it holds no sessions.
+-- KEYS[1] nodes   KEYS[2] node_sessions   KEYS[3] node_info
+-- ARGV[1] node_id
+-- Returns 1 when forgotten, 0 when it is alive again or still holds sessions.
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local lease = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if (lease and lease >= now) or redis.call('SCARD', KEYS[2]) > 0 then
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1

@@ -1,0 +1,25 @@
+-- heartbeat: renew a node's lease. One call per renewal, whatever the session count.
+-- KEYS[1] nodes       ZSET node_id -> lease expiry (ms)
+-- KEYS[2] node_info   HASH
+-- ARGV[1] node_id   ARGV[2] lease TTL (ms)   ARGV[3..] node_info field, value pairs
+-- Returns {status, now_ms}: 'ok' (the lease was held), 'expired' (it had lapsed: others may
+-- have taken this node's sessions) or 'new' (unknown: first start, reaped, or Redis lost
+-- its data).
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[2])
+
+local prev = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+local status = 'ok'
+if not prev then
+  status = 'new'
+elseif prev < now then
+  status = 'expired'
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if #ARGV > 2 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+end
+redis.call('HSET', KEYS[2], 'last_heartbeat_ms', now)
+redis.call('PEXPIRE', KEYS[2], ttl * 3)
+return {status, now}

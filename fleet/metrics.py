@@ -1,0 +1,80 @@
+"""Prometheus metrics. Labels are bounded sets (states, reasons, codes, route templates):
+never a session id, call id or raw path, so the series count does not grow with traffic.
+
+Gauges declare how gunicorn's worker processes combine (``multiprocess_mode``): per-node
+figures add up across the pod's processes; fleet-wide figures take the max.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+)  # fmt: skip
+
+SESSIONS_ACTIVE = Gauge(
+    "fleet_sessions_active",
+    "Sessions this node runs, by state.",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+SESSIONS_STARTED = Counter("fleet_sessions_started", "Sessions started on this node.")
+SESSIONS_ENDED = Counter(
+    "fleet_sessions_ended", "Sessions ended on this node, by end reason.", ["reason"]
+)
+SESSION_START_SECONDS = Histogram(
+    "fleet_session_start_seconds",
+    "Time from a start request to the session running.",
+    buckets=LATENCY_BUCKETS,
+)
+SESSION_CLOSE_SECONDS = Histogram(
+    "fleet_session_close_seconds",
+    "Time from a close request reaching the owner to the session ended.",
+    buckets=LATENCY_BUCKETS,
+)
+ADMISSION_REJECTED = Counter(
+    "fleet_admission_rejected", "Start requests refused, by code.", ["code"]
+)
+CHECKPOINTS = Counter("fleet_checkpoints", "Checkpoint writes, by result.", ["result"])
+CHECKPOINT_BYTES = Histogram(
+    "fleet_checkpoint_bytes",
+    "Size of saved checkpoints.",
+    buckets=(64, 256, 1024, 4096, 16384, 65536, 262144, 1048576),
+)
+EVENTS_EMITTED = Counter("fleet_events_emitted", "Events appended to session streams.")
+EVENT_LISTENERS = Gauge(
+    "fleet_event_listeners", "Open event streams on this node.", multiprocess_mode="livesum"
+)
+FAILOVERS = Counter("fleet_failovers", "Sessions taken from dead nodes, by result.", ["result"])
+REDIS_UP = Gauge(
+    "fleet_redis_up", "1 when the last Redis call succeeded.", multiprocess_mode="livemin"
+)
+REDIS_COMMAND_SECONDS = Histogram(
+    "fleet_redis_command_seconds",
+    "Latency of fleet's Redis operations, by operation.",
+    ["command"],
+    buckets=LATENCY_BUCKETS,
+)
+LEASE_RENEWAL_FAILURES = Counter("fleet_node_lease_renewal_failures", "Lease renewals that failed.")
+NODE_DRAINING = Gauge(
+    "fleet_node_draining", "1 while this node drains.", multiprocess_mode="livemax"
+)
+NODE_READY = Gauge("fleet_node_ready", "1 while this node is ready.", multiprocess_mode="livemin")
+NODES_LIVE = Gauge(
+    "fleet_nodes_live", "Live nodes in the registry, as this node sees it.", multiprocess_mode="max"
+)
+BUILD_INFO = Gauge(
+    "fleet_build_info", "Always 1; the version is a label.", ["version"], multiprocess_mode="max"
+)
+HTTP_REQUESTS = Counter(
+    "fleet_http_requests",
+    "HTTP requests, by route template and status class.",
+    ["method", "route", "status"],
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "fleet_http_request_duration_seconds",
+    "HTTP request latency, by route template.",
+    ["method", "route"],
+    buckets=LATENCY_BUCKETS,
+)

@@ -1,0 +1,148 @@
+"""What a session and a node look like: in Redis (flat hashes) and to clients (JSON)."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class State(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    CLOSING = "closing"
+    ENDED = "ended"
+
+
+class EndReason(enum.StrEnum):
+    COMPLETED = "completed"
+    CLOSED = "closed"
+    FAILED = "failed"
+    MAX_DURATION = "max_duration"
+    IDLE = "idle"
+    NODE_LOST = "node_lost"
+    NODE_SHUTDOWN = "node_shutdown"
+
+
+class CloseReason(enum.StrEnum):
+    """Why ``ctx.closing`` was set: what the worker reads in ``ctx.close_reason``."""
+
+    CLOSED = "closed"
+    MAX_DURATION = "max_duration"
+    IDLE = "idle"
+    HANDOFF = "handoff"
+
+
+@dataclass
+class SessionRecord:
+    """A session as the registry stores it: one Redis hash of strings."""
+
+    session_id: str
+    call_id: str
+    call_type: str
+    node_id: str
+    params: dict[str, Any] = field(default_factory=dict)
+    principal: str = ""
+    state: str = State.STARTING
+    epoch: int = 1
+    started_at: float = 0.0
+    ended_at: float | None = None
+    end_reason: str | None = None
+    resumed_count: int = 0
+    checkpoint_version: int = 0
+    close_reason: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_hash(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for key, value in asdict(self).items():
+            if value is None:
+                continue
+            if key in ("params", "metrics"):
+                out[key] = json.dumps(value, separators=(",", ":"))
+            else:
+                out[key] = str(value)
+        return out
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> SessionRecord:
+        ended_at = raw.get("ended_at")
+        return cls(
+            session_id=raw["session_id"],
+            call_id=raw["call_id"],
+            call_type=raw.get("call_type", "default"),
+            node_id=raw.get("node_id", ""),
+            params=json.loads(raw.get("params", "{}")),
+            principal=raw.get("principal", ""),
+            state=raw.get("state", State.STARTING),
+            epoch=int(raw.get("epoch", "1")),
+            started_at=float(raw.get("started_at", "0")),
+            ended_at=float(ended_at) if ended_at else None,
+            end_reason=raw.get("end_reason") or None,
+            resumed_count=int(raw.get("resumed_count", "0")),
+            checkpoint_version=int(raw.get("checkpoint_version", "0")),
+            close_reason=raw.get("close_reason") or None,
+            metrics=json.loads(raw.get("metrics", "{}")),
+        )
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            session_id=self.session_id,
+            call_id=self.call_id,
+            call_type=self.call_type,
+            node_id=self.node_id,
+            state=State(self.state),
+            session_started_at=self.started_at,
+            ended_at=self.ended_at,
+            end_reason=EndReason(self.end_reason) if self.end_reason else None,
+            epoch=self.epoch,
+            resumed_count=self.resumed_count,
+            checkpoint_version=self.checkpoint_version,
+        )
+
+
+class SessionInfo(BaseModel):
+    """A session as clients see it. Times are unix seconds."""
+
+    session_id: str
+    call_id: str
+    call_type: str
+    node_id: str = Field(description="The node that runs (or last ran) the session.")
+    state: State
+    session_started_at: float
+    ended_at: float | None = None
+    end_reason: EndReason | None = None
+    epoch: int = Field(description="Grows by one every time ownership changes.")
+    resumed_count: int
+    checkpoint_version: int
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionInfo]
+
+
+class SessionPage(BaseModel):
+    sessions: list[SessionInfo]
+    next_cursor: str | None = None
+
+
+class CloseAccepted(BaseModel):
+    state: Literal["closing"] = "closing"
+
+
+class NodeInfo(BaseModel):
+    node_id: str
+    host: str
+    started_at: float
+    last_heartbeat: float
+    sessions: int
+    capacity: int | None
+    draining: bool
+    version: str
+
+
+class NodeList(BaseModel):
+    nodes: list[NodeInfo]

@@ -1,0 +1,577 @@
+"""The node: one process's share of the fleet.
+
+``Node(settings)`` runs start-up (lease, scripts, control channel), a few loops (lease
+renewal every ``FLEET_NODE_TTL / 3``, a maintenance pass every
+``FLEET_MAINTENANCE_INTERVAL``, a one-second tick for session limits) and shutdown (drain
+with a timeout, then close what is left). Signals only call ``begin_drain``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from fleet import __version__, metrics
+from fleet.control import ControlListener, Message
+from fleet.errors import (
+    AdmissionRejected,
+    InvalidParams,
+    NotAccepting,
+    RedisUnavailable,
+    SessionNotFound,
+)
+from fleet.keys import make_ref, split_ref
+from fleet.models import CloseReason, EndReason, SessionRecord, State
+from fleet.redis_client import connect
+from fleet.registry import Registry
+from fleet.scripts import EndResult, HeartbeatStatus, ReapResult
+from fleet.session import LocalSession, to_json
+from fleet.settings import Settings
+from fleet.worker import load_worker
+
+log = logging.getLogger("fleet.node")
+
+REDIS_ERRORS = (RedisError, OSError)
+
+
+class Node:
+    def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.worker = load_worker(settings.worker)
+        self.redis = redis if redis is not None else connect(settings)
+        self._owns_redis = redis is None
+        self.registry = Registry(self.redis, settings)
+        self.started_at = time.time()
+        self.host = socket.gethostname()
+
+        self.sessions: dict[str, LocalSession] = {}
+        self._pending: set[str] = set()  # refs admitted but not yet in ``sessions``
+        self._strays: set[str] = set()  # slots with no local session, seen once
+        self._unwritten_ends: dict[str, tuple[SessionRecord, EndReason, str]] = {}
+        self._end_waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+        self.draining = False
+        self.redis_ok = False
+        self.lease_held = False
+        self._last_renewal: float | None = None
+        self._maintain_now = asyncio.Event()
+        self._maintain_lock = asyncio.Lock()
+        self.drained = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._listener = ControlListener(
+            self.redis,
+            self.registry.keys.node_channel(self.node_id),
+            self._on_message,
+            self._on_subscribed,
+        )
+        self._state_counts: dict[str, int] = {s: 0 for s in State if s is not State.ENDED}
+
+    # -- start-up and shutdown ----------------------------------------------------------
+    async def start(self) -> None:
+        metrics.BUILD_INFO.labels(__version__).set(1)
+        metrics.NODE_DRAINING.set(0)
+        await self._renew_lease()
+        for loop in (self._lease_loop, self._maintenance_loop, self._tick_loop):
+            self._tasks.append(asyncio.create_task(loop(), name=f"{self.node_id} {loop.__name__}"))
+        self._tasks.append(asyncio.create_task(self._listener.run(), name="control listener"))
+        log.info(
+            "node started (worker %s, lease %.1fs)",
+            self.worker.import_string,
+            self.settings.node_ttl,
+            extra={"node_id": self.node_id},
+        )
+
+    def begin_drain(self) -> None:
+        """Stop taking sessions and let the running ones finish (SIGTERM). Idempotent."""
+        if self._drain_task is not None:
+            return
+        self.draining = True
+        metrics.NODE_DRAINING.set(1)
+        metrics.NODE_READY.set(0)
+        log.info(
+            "draining: %d sessions may run for up to %.0fs",
+            len(self.sessions),
+            self.settings.drain_timeout,
+            extra={"node_id": self.node_id},
+        )
+        self._drain_task = asyncio.create_task(self._drain(), name="drain")
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._renew_lease()  # tell the fleet at once that this node drains
+        await self._wait_sessions(self.settings.drain_timeout)
+        for session in list(self.sessions.values()):
+            session.request_close(CloseReason.HANDOFF)
+        await self._wait_sessions(self.settings.close_grace + 1.0)
+        self.drained.set()
+
+    async def _wait_sessions(self, timeout: float) -> None:
+        waits = [s.done.wait() for s in self.sessions.values()]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), timeout)
+
+    async def stop(self) -> None:
+        """Drain (if no drain ran yet), stop the loops and leave the registry."""
+        self.begin_drain()
+        await self.drained.wait()
+        for task in [*self._tasks, *self._background]:
+            task.cancel()
+        for session in list(self.sessions.values()):
+            if session.task is not None:
+                session.task.cancel()
+        await asyncio.gather(
+            *self._tasks,
+            *self._background,
+            *(s.task for s in self.sessions.values() if s.task),
+            return_exceptions=True,
+        )
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.registry.remove_node(self.node_id)
+        if self._owns_redis:
+            await self.redis.aclose()
+        log.info("node stopped", extra={"node_id": self.node_id})
+
+    # -- readiness ----------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.redis_ok:
+            return False, "redis_unavailable"
+        if not self.lease_held:
+            return False, "lease_not_held"
+        if not self._listener.subscribed:
+            return False, "control_channel_down"
+        return True, "ok"
+
+    def _set_ready_gauge(self) -> None:
+        metrics.NODE_READY.set(1 if self.readiness()[0] else 0)
+        metrics.REDIS_UP.set(1 if self.redis_ok else 0)
+
+    # -- sessions -----------------------------------------------------------------------
+    async def start_session(
+        self, call_id: str, call_type: str, params: dict[str, Any], principal: str = ""
+    ) -> SessionRecord:
+        """Admit, record and start a session here; returns once it runs."""
+        began = time.perf_counter()
+        ready, reason = self.readiness()
+        if not ready:
+            code = "draining" if reason == "draining" else "not_ready"
+            metrics.ADMISSION_REJECTED.labels(code).inc()
+            raise NotAccepting(code, f"this node does not take new sessions now ({reason})")
+        try:
+            self.worker.validate_params(params)
+        except (ValueError, TypeError) as exc:
+            raise InvalidParams(str(exc)) from None
+        worker = self.worker.create()
+        session_id = uuid.uuid4().hex
+        ref = make_ref(call_id, session_id)
+        record = SessionRecord(
+            session_id=session_id,
+            call_id=call_id,
+            call_type=call_type,
+            node_id=self.node_id,
+            params=params,
+            principal=principal,
+            started_at=time.time(),
+        )
+        self._pending.add(ref)
+        try:
+            try:
+                await self.registry.admit(self.node_id, call_id, session_id)
+            except (NotAccepting, AdmissionRejected) as exc:
+                metrics.ADMISSION_REJECTED.labels(exc.code).inc()
+                raise
+            try:
+                await self.registry.create(record)
+            except BaseException:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self.registry.release(self.node_id, call_id, session_id, listed=False)
+                raise
+            session = LocalSession(self, record, worker)
+            self.sessions[ref] = session
+            self.count_state(State.STARTING, +1)
+        finally:
+            self._pending.discard(ref)
+        session.start()
+        metrics.SESSIONS_STARTED.inc()
+        await asyncio.shield(session.running)
+        metrics.SESSION_START_SECONDS.observe(time.perf_counter() - began)
+        log.info("session started", extra=session.log_extra)
+        return record
+
+    async def close_session(
+        self, call_id: str, session_id: str, wait: float | None = None
+    ) -> SessionRecord | None:
+        """Ask the owner, wherever it runs, to close the session.
+
+        Returns the ended record when the session has ended (at once, or within ``wait``
+        seconds), ``None`` while it is still closing. Raises SessionNotFound.
+        """
+        ref = make_ref(call_id, session_id)
+        waiter: asyncio.Future[None] | None = None
+        if wait:
+            waiter = asyncio.get_running_loop().create_future()
+            self._end_waiters.setdefault(ref, []).append(waiter)
+        try:
+            message = Message("close", ref, CloseReason.CLOSED.value, self.node_id)
+            status, owner = await self.registry.request_close(
+                call_id, session_id, CloseReason.CLOSED.value, message.encode()
+            )
+            if status == "missing":
+                raise SessionNotFound(f"no session {session_id} in call {call_id}")
+            if status == "ended":
+                return await self.registry.get(call_id, session_id)
+            local = self.sessions.get(ref)
+            if owner == self.node_id and local is not None:
+                local.request_close(CloseReason.CLOSED)
+            if waiter is None or wait is None:
+                return None
+            return await self._await_end(call_id, session_id, waiter, wait)
+        finally:
+            if waiter is not None:
+                self._forget_waiter(ref, waiter)
+
+    async def _await_end(
+        self, call_id: str, session_id: str, waiter: asyncio.Future[None], wait: float
+    ) -> SessionRecord | None:
+        """Wait for the owner's "ended" message; read the record now and then too, in case
+        that message is lost."""
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiter), min(left, 0.5))
+            record = await self.registry.get(call_id, session_id)
+            if record is None or record.state == State.ENDED:
+                return record
+        return None
+
+    def _forget_waiter(self, ref: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._end_waiters.get(ref, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            self._end_waiters.pop(ref, None)
+
+    def _wake_waiters(self, ref: str) -> None:
+        for waiter in self._end_waiters.get(ref, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def emit(self, record: SessionRecord, type: str, data: Any) -> None:
+        await self.registry.emit(record, type, to_json(data))
+        metrics.EVENTS_EMITTED.inc()
+
+    async def finish(
+        self, session: LocalSession, reason: EndReason, error: str, *, moved: bool
+    ) -> None:
+        """Record how a local session ended (unless it moved), free its slot, tell whoever
+        waits. Called once per session, from its own task."""
+        record = session.record
+        if moved:
+            log.warning(
+                "session moved to another node; local copy stopped", extra=session.log_extra
+            )
+        else:
+            await self._write_end(record, reason, error)
+        self.sessions.pop(session.ref, None)
+        self.count_state(record.state, -1)
+        record.state = State.ENDED
+        record.end_reason = reason.value
+        record.ended_at = time.time()
+        session.final = record
+        if session.close_requested_at is not None:
+            metrics.SESSION_CLOSE_SECONDS.observe(time.monotonic() - session.close_requested_at)
+        self._wake_waiters(session.ref)
+        replies = session.reply_to - {self.node_id}
+        if replies:
+            self.spawn(self._publish_ended(session.ref, replies))
+        log.info("session ended (%s)", reason.value, extra=session.log_extra)
+
+    async def _write_end(self, record: SessionRecord, reason: EndReason, error: str) -> None:
+        ref = make_ref(record.call_id, record.session_id)
+        try:
+            result = await self.registry.end(record, reason.value, error=error)
+        except REDIS_ERRORS:
+            # Written by the maintenance pass once Redis answers (still fenced by epoch).
+            self._unwritten_ends[ref] = (record, reason, error)
+            return
+        if result is EndResult.ENDED:
+            metrics.SESSIONS_ENDED.labels(reason.value).inc()
+        elif result is EndResult.FENCED:
+            log.warning(
+                "end not recorded: the session moved on",
+                extra={
+                    "node_id": self.node_id,
+                    "session_id": record.session_id,
+                    "call_id": record.call_id,
+                },
+            )
+
+    async def _publish_ended(self, ref: str, nodes: set[str]) -> None:
+        message = Message("ended", ref).encode()
+        pipe = self.redis.pipeline(transaction=False)
+        for node_id in nodes:
+            pipe.publish(self.registry.keys.node_channel(node_id), message)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await pipe.execute()
+
+    def count_state(self, state: str, delta: int) -> None:
+        if state in self._state_counts:
+            self._state_counts[state] += delta
+            metrics.SESSIONS_ACTIVE.labels(state).set(self._state_counts[state])
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a fire-and-forget coroutine that is cancelled with the node."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- control channel ----------------------------------------------------------------
+    def _on_message(self, message: Message) -> None:
+        if message.op == "ended":
+            self._wake_waiters(message.ref)
+            return
+        if message.op != "close":
+            return
+        session = self.sessions.get(message.ref)
+        if session is None:
+            if message.reply_to and message.reply_to != self.node_id:
+                self.spawn(self._publish_ended(message.ref, {message.reply_to}))
+            return
+        if message.reply_to:
+            session.reply_to.add(message.reply_to)
+        try:
+            reason = CloseReason(message.reason)
+        except ValueError:
+            reason = CloseReason.CLOSED
+        session.request_close(reason)
+
+    async def _on_subscribed(self) -> None:
+        self._maintain_now.set()
+
+    # -- lease --------------------------------------------------------------------------
+    def _node_info(self) -> dict[str, str]:
+        capacity = self.settings.max_sessions_per_node
+        return {
+            "host": self.host,
+            "started_at": repr(self.started_at),
+            "capacity": "" if capacity is None else str(capacity),
+            "draining": "1" if self.draining else "0",
+            "version": __version__,
+        }
+
+    async def _renew_lease(self) -> None:
+        now = time.monotonic()
+        try:
+            status = await self.registry.heartbeat(self.node_id, self._node_info())
+        except REDIS_ERRORS as exc:
+            metrics.LEASE_RENEWAL_FAILURES.inc()
+            if self.redis_ok:
+                log.warning(
+                    "lease renewal failed: %s", type(exc).__name__, extra={"node_id": self.node_id}
+                )
+            self.redis_ok = False
+            if self._last_renewal is not None and now - self._last_renewal > self.settings.node_ttl:
+                self._lease_lapsed()
+            self._set_ready_gauge()
+            return
+        lapsed = (
+            self._last_renewal is not None and now - self._last_renewal > self.settings.node_ttl
+        )
+        recovering = not self.redis_ok or not self.lease_held
+        self.redis_ok = True
+        self.lease_held = True
+        self._last_renewal = now
+        if status is not HeartbeatStatus.OK or lapsed or recovering:
+            if self.sessions or status is not HeartbeatStatus.OK:
+                log.info(
+                    "lease %s: re-checking local sessions",
+                    status.value,
+                    extra={"node_id": self.node_id},
+                )
+            self._maintain_now.set()
+        self._set_ready_gauge()
+
+    def _lease_lapsed(self) -> None:
+        """Redis did not answer for longer than the lease: another node may own our
+        sessions now, so stop them. Their ends are written when Redis is back."""
+        if self.lease_held:
+            log.error(
+                "lease lapsed (Redis unreachable for over %.1fs): stopping %d local sessions",
+                self.settings.node_ttl,
+                len(self.sessions),
+                extra={"node_id": self.node_id},
+            )
+        self.lease_held = False
+        for session in list(self.sessions.values()):
+            session.lose("lease_lapsed")
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            await self._renew_lease()
+
+    # -- maintenance --------------------------------------------------------------------
+    async def _maintenance_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._maintain_now.wait(), self.settings.maintenance_interval
+                )
+            self._maintain_now.clear()
+            try:
+                await self.maintain()
+            except REDIS_ERRORS as exc:
+                log.warning(
+                    "maintenance pass failed: %s",
+                    type(exc).__name__,
+                    extra={"node_id": self.node_id},
+                )
+            except Exception:
+                log.exception("maintenance pass failed", extra={"node_id": self.node_id})
+
+    async def maintain(self) -> None:
+        """The fallback pass: close flags, ownership, lost records and slots, unwritten
+        ends, and dead nodes. One round trip for this node's own sessions."""
+        async with self._maintain_lock:
+            if not self.lease_held:
+                return
+            await self._write_unwritten_ends()
+            local = [s for s in self.sessions.values() if not s.done.is_set()]
+            slots, watched = await self.registry.snapshot(self.node_id, [s.ref for s in local])
+            for session, seen in zip(local, watched, strict=True):
+                await self._reconcile(
+                    session,
+                    seen.exists,
+                    seen.node_id,
+                    seen.epoch,
+                    seen.state,
+                    seen.close_reason,
+                    session.ref in slots,
+                )
+            await self._release_strays(slots)
+            await self._reap_dead_nodes()
+            nodes = await self.registry.redis.zcard(self.registry.keys.nodes())
+            metrics.NODES_LIVE.set(nodes)
+
+    async def _reconcile(
+        self,
+        session: LocalSession,
+        exists: bool,
+        owner: str | None,
+        epoch: int | None,
+        state: str | None,
+        close_reason: str | None,
+        has_slot: bool,
+    ) -> None:
+        record = session.record
+        if not exists:
+            # Redis lost the record (a restart without persistence): write it back.
+            await self.registry.create(record)
+            await self.registry.reassert_slot(
+                self.node_id, record.call_id, record.session_id, record.started_at
+            )
+            log.warning("re-asserted a session Redis had lost", extra=session.log_extra)
+            return
+        if owner != self.node_id or epoch != record.epoch or state == State.ENDED:
+            session.lose("moved")
+            return
+        if not has_slot:
+            await self.registry.reassert_slot(
+                self.node_id, record.call_id, record.session_id, record.started_at
+            )
+        if close_reason and not session.closing:
+            try:
+                session.request_close(CloseReason(close_reason))
+            except ValueError:
+                session.request_close(CloseReason.CLOSED)
+
+    async def _release_strays(self, slots: set[str]) -> None:
+        """Free slots this node holds for sessions it does not run, once they have been
+        seen twice (a start in flight holds a slot before its session exists)."""
+        strays = slots - set(self.sessions) - self._pending
+        confirmed = strays & self._strays
+        self._strays = strays - confirmed
+        for ref in confirmed:
+            call_id, session_id = split_ref(ref)
+            if await self.registry.release(self.node_id, call_id, session_id, listed=True):
+                log.warning(
+                    "released a stray admission slot %s", ref, extra={"node_id": self.node_id}
+                )
+
+    async def _write_unwritten_ends(self) -> None:
+        for ref, (record, reason, error) in list(self._unwritten_ends.items()):
+            result = await self.registry.end(record, reason.value, error=error)
+            self._unwritten_ends.pop(ref, None)
+            if result is EndResult.ENDED:
+                metrics.SESSIONS_ENDED.labels(reason.value).inc()
+
+    async def _reap_dead_nodes(self) -> None:
+        for dead in await self.registry.expired_nodes():
+            if dead == self.node_id:
+                continue
+            for ref in await self.registry.node_slots(dead):
+                await self._reap_session(dead, ref)
+            if await self.registry.forget_node(dead):
+                log.warning(
+                    "node %s is gone: removed from the registry",
+                    dead,
+                    extra={"node_id": self.node_id},
+                )
+
+    async def _reap_session(self, dead: str, ref: str) -> None:
+        result = await self.registry.reap(dead, ref)
+        if result is not ReapResult.RELEASED:
+            return
+        call_id, session_id = split_ref(ref)
+        record = await self.registry.get(call_id, session_id)
+        if record is not None and record.node_id == dead:
+            await self.registry.end(
+                record, EndReason.NODE_LOST.value, owner=dead, any_epoch=True, release_from=""
+            )
+        metrics.FAILOVERS.labels("lost").inc()
+        log.warning(
+            "session lost with node %s",
+            dead,
+            extra={"node_id": self.node_id, "session_id": session_id, "call_id": call_id},
+        )
+
+    # -- session limits -----------------------------------------------------------------
+    async def _tick_loop(self) -> None:
+        idle, longest = self.settings.idle_timeout, self.settings.max_session_duration
+        period = min(1.0, *(x / 4 for x in (idle, longest) if x is not None))
+        while True:
+            await asyncio.sleep(period)
+            now, wall = time.monotonic(), time.time()
+            for session in list(self.sessions.values()):
+                if session.closing:
+                    continue
+                if longest is not None and wall - session.record.started_at >= longest:
+                    session.request_close(CloseReason.MAX_DURATION)
+                elif idle is not None and now - session.last_activity >= idle:
+                    session.request_close(CloseReason.IDLE)
+
+    # -- reads --------------------------------------------------------------------------
+    async def get_session(self, call_id: str, session_id: str) -> SessionRecord:
+        record = await self.registry.get(call_id, session_id)
+        if record is None:
+            raise SessionNotFound(f"no session {session_id} in call {call_id}")
+        return record
+
+    def check_redis(self, exc: BaseException) -> RedisUnavailable:
+        self.redis_ok = False
+        self._set_ready_gauge()
+        return RedisUnavailable(f"Redis did not answer ({type(exc).__name__}); retry shortly")

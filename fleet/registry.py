@@ -1,0 +1,400 @@
+"""The registry: sessions, nodes, admission, leases and reaping, in Redis.
+
+Every method is one round trip unless it says otherwise. Atomic steps are Lua scripts
+(``lua/``); key names come from ``keys.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from fleet.errors import AdmissionRejected, NotAccepting
+from fleet.keys import Keys, make_ref, split_ref
+from fleet.models import NodeInfo, SessionRecord, State
+from fleet.scripts import AdmitResult, EndResult, HeartbeatStatus, ReapResult, Scripts
+from fleet.settings import Settings
+
+_ADMIT_DETAIL = {
+    AdmitResult.MAX_SESSIONS_PER_CALL: "this call already has its maximum number of sessions",
+    AdmitResult.MAX_SESSIONS: "the fleet already runs its maximum number of sessions",
+    AdmitResult.NODE_CAPACITY: "this node is at capacity; retry, another node may have room",
+}
+
+# Fields the maintenance pass reads for each local session.
+WATCH_FIELDS = ("node_id", "epoch", "state", "close_reason")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _limit(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What the maintenance pass reads of one local session."""
+
+    exists: bool
+    node_id: str | None
+    epoch: int | None
+    state: str | None
+    close_reason: str | None
+
+
+class Registry:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.keys = Keys(settings.key_prefix)
+        self.scripts = Scripts(redis)
+        self._settings = settings
+        self._tombstone_ms = settings.tombstone_ttl * 1000
+
+    async def load(self) -> None:
+        await self.scripts.load()
+
+    # -- admission ----------------------------------------------------------------------
+    async def admit(self, node_id: str, call_id: str, session_id: str) -> None:
+        """Check every limit and reserve a slot for the session on ``node_id``."""
+        k, s = self.keys, self._settings
+        code, _ = await self.scripts(
+            "admit",
+            [k.nodes(), k.node_sessions(node_id), k.call_counts(), k.live()],
+            [
+                node_id,
+                make_ref(call_id, session_id),
+                call_id,
+                _limit(s.max_sessions_per_call),
+                _limit(s.max_sessions),
+                _limit(s.max_sessions_per_node),
+            ],
+        )
+        result = AdmitResult(code)
+        if result is AdmitResult.OK:
+            return
+        if result is AdmitResult.NOT_READY:
+            raise NotAccepting("not_ready", "this node's lease is not held; retry another node")
+        raise AdmissionRejected(result.value, _ADMIT_DETAIL[result])
+
+    def _release_call(
+        self, node_id: str, call_id: str, session_id: str, listed: bool
+    ) -> tuple[str, list[str], list[Any]]:
+        k = self.keys
+        return (
+            "release",
+            [k.node_sessions(node_id), k.call_counts(), k.live(), k.ended()],
+            [make_ref(call_id, session_id), call_id, self._tombstone_ms, "1" if listed else "0"],
+        )
+
+    async def release(self, node_id: str, call_id: str, session_id: str, listed: bool) -> bool:
+        return bool(await self.scripts(*self._release_call(node_id, call_id, session_id, listed)))
+
+    async def reassert_slot(
+        self, node_id: str, call_id: str, session_id: str, start: float
+    ) -> bool:
+        k = self.keys
+        return bool(
+            await self.scripts(
+                "reassert",
+                [k.node_sessions(node_id), k.call_counts(), k.live()],
+                [make_ref(call_id, session_id), call_id, int(start * 1000)],
+            )
+        )
+
+    # -- session records ----------------------------------------------------------------
+    async def create(self, record: SessionRecord) -> bool:
+        """Write a new record, or write back one Redis lost. Never overwrites."""
+        k = self.keys
+        fields = [x for pair in record.to_hash().items() for x in pair]
+        return bool(
+            await self.scripts(
+                "create_session",
+                [
+                    k.session(record.call_id, record.session_id),
+                    k.call_live(record.call_id),
+                    k.call_ended(record.call_id),
+                ],
+                [int(record.started_at * 1000), record.session_id, *fields],
+            )
+        )
+
+    async def mark_running(self, record: SessionRecord, event: str, data: Any) -> str:
+        """starting -> running for this owner and epoch, emitting the lifecycle ``event``
+        (``session_started`` or ``session_resumed``). Returns the state, or ``lease_lost``."""
+        c, sid = record.call_id, record.session_id
+        return str(
+            await self.scripts(
+                "mark_running",
+                [self.keys.session(c, sid), self.keys.events(c, sid)],
+                [
+                    record.node_id,
+                    record.epoch,
+                    self._settings.events_maxlen,
+                    event,
+                    _json(data),
+                ],
+            )
+        )
+
+    async def end(
+        self,
+        record: SessionRecord,
+        reason: str,
+        *,
+        error: str = "",
+        owner: str | None = None,
+        any_epoch: bool = False,
+        release_from: str | None = None,
+    ) -> EndResult:
+        """End a session (fenced by owner and epoch, emitting ``session_ended``) and release
+        its slot, in one round trip.
+
+        ``owner`` defaults to the record's node; the reaper passes the dead node with
+        ``any_epoch``. ``release_from`` names the node whose slot to free (default: the
+        owner; ``""`` for none).
+        """
+        k = self.keys
+        c, sid = record.call_id, record.session_id
+        owner = owner or record.node_id
+        calls: list[tuple[str, list[str], list[Any]]] = [
+            (
+                "end_session",
+                [
+                    k.session(c, sid),
+                    k.call_live(c),
+                    k.call_ended(c),
+                    k.checkpoint(c, sid),
+                    k.events(c, sid),
+                ],
+                [
+                    owner,
+                    "" if any_epoch else record.epoch,
+                    reason,
+                    repr(time.time()),
+                    self._settings.tombstone_ttl,
+                    error,
+                    self._settings.events_maxlen,
+                    _json({"end_reason": reason}),
+                ],
+            )
+        ]
+        if release_from != "":
+            calls.append(self._release_call(release_from or owner, c, sid, listed=True))
+        results = await self.scripts.run_pipeline(calls)
+        return EndResult(int(results[0]))
+
+    async def checkpoint(self, record: SessionRecord, state_json: str, history: int) -> int:
+        """Save a checkpoint under the record's owner and epoch; -1 when fenced out."""
+        k = self.keys
+        c, sid = record.call_id, record.session_id
+        return int(
+            await self.scripts(
+                "checkpoint",
+                [k.session(c, sid), k.checkpoint(c, sid)],
+                [record.node_id, record.epoch, state_json, repr(time.time()), history],
+            )
+        )
+
+    async def latest_checkpoint(self, call_id: str, session_id: str) -> str | None:
+        value = await self.redis.lindex(self.keys.checkpoint(call_id, session_id), 0)
+        return str(value) if value is not None else None
+
+    async def emit(self, record: SessionRecord, type: str, data_json: str) -> str:
+        """Append an event to the session's stream (bounded, approximately)."""
+        return str(
+            await self.redis.xadd(
+                self.keys.events(record.call_id, record.session_id),
+                {"type": type, "data": data_json},
+                maxlen=self._settings.events_maxlen,
+                approximate=True,
+            )
+        )
+
+    async def get(self, call_id: str, session_id: str) -> SessionRecord | None:
+        raw = await self.redis.hgetall(self.keys.session(call_id, session_id))
+        return SessionRecord.from_hash(raw) if raw else None
+
+    async def _records(self, keys: Iterable[str]) -> list[dict[str, str] | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        return [raw or None for raw in await pipe.execute()]
+
+    async def list_call(self, call_id: str) -> list[SessionRecord]:
+        """The call's sessions, live ones first (oldest first), then ended (newest first).
+        Two round trips; entries whose tombstone expired are pruned on the way."""
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrange(k.call_live(call_id), 0, -1)
+        pipe.zrevrange(k.call_ended(call_id), 0, -1)
+        live, ended = await pipe.execute()
+        ids: list[str] = [*live, *ended]
+        raws = await self._records(k.session(call_id, sid) for sid in ids)
+        gone = [sid for sid, raw in zip(ids, raws, strict=True) if raw is None]
+        if gone:
+            await self.redis.zrem(k.call_ended(call_id), *gone)
+        return [SessionRecord.from_hash(raw) for raw in raws if raw]
+
+    async def list_sessions(
+        self,
+        *,
+        state: State | None,
+        node_id: str | None,
+        limit: int,
+        cursor: int,
+    ) -> tuple[list[SessionRecord], int | None]:
+        """A page of the fleet-wide list: live sessions (oldest first), then recently ended
+        ones (newest first). ``cursor`` is an offset in that order; the next cursor is
+        ``None`` at the end. With ``node_id``, that node's live sessions (its index)."""
+        k = self.keys
+        if node_id is not None:
+            members = sorted(await self.redis.smembers(k.node_sessions(node_id)))
+            refs = members[cursor : cursor + limit]
+            total = len(members)
+        else:
+            want_live = state is None or state is not State.ENDED
+            want_ended = state is None or state is State.ENDED
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zcard(k.live())
+            pipe.zcard(k.ended())
+            n_live, n_ended = await pipe.execute()
+            n_live = n_live if want_live else 0
+            total = n_live + (n_ended if want_ended else 0)
+            refs = []
+            if cursor < n_live:
+                refs = await self.redis.zrange(k.live(), cursor, cursor + limit - 1)
+            if len(refs) < limit and want_ended:
+                start = max(0, cursor - n_live)
+                refs += await self.redis.zrevrange(k.ended(), start, start + limit - len(refs) - 1)
+        raws = await self._records(k.session(*split_ref(ref)) for ref in refs)
+        records = [SessionRecord.from_hash(raw) for raw in raws if raw]
+        if state is not None:
+            records = [r for r in records if r.state == state]
+        end = cursor + len(refs)
+        return records, (end if refs and end < total else None)
+
+    # -- close --------------------------------------------------------------------------
+    async def request_close(
+        self, call_id: str, session_id: str, reason: str, message: str
+    ) -> tuple[str, str]:
+        """Set the close flag and publish ``message`` to the owner. Returns (status, owner)
+        with status ``missing``, ``ended`` or ``closing``."""
+        status, owner = await self.scripts(
+            "request_close",
+            [self.keys.session(call_id, session_id)],
+            [reason, repr(time.time()), self.keys.node_channel_prefix(), message],
+        )
+        return str(status), str(owner)
+
+    async def snapshot(self, node_id: str, refs: list[str]) -> tuple[set[str], list[Watched]]:
+        """This node's admission slots, and the owner, epoch, state and close flag of each of
+        ``refs``: what the maintenance pass needs, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.smembers(self.keys.node_sessions(node_id))
+        for ref in refs:
+            pipe.hmget(self.keys.session(*split_ref(ref)), list(WATCH_FIELDS))
+        slots, *rows = await pipe.execute()
+        watched = [
+            Watched(
+                exists=owner is not None,
+                node_id=owner,
+                epoch=int(epoch) if epoch is not None else None,
+                state=state,
+                close_reason=close_reason,
+            )
+            for owner, epoch, state, close_reason in rows
+        ]
+        return set(slots), watched
+
+    # -- nodes and leases ---------------------------------------------------------------
+    async def heartbeat(self, node_id: str, info: dict[str, str]) -> HeartbeatStatus:
+        k = self.keys
+        fields = [x for pair in info.items() for x in pair]
+        status, _ = await self.scripts(
+            "heartbeat",
+            [k.nodes(), k.node_info(node_id)],
+            [node_id, int(self._settings.node_ttl * 1000), *fields],
+        )
+        return HeartbeatStatus(status)
+
+    async def node_slots(self, node_id: str) -> set[str]:
+        return set(await self.redis.smembers(self.keys.node_sessions(node_id)))
+
+    async def live_nodes(self) -> list[NodeInfo]:
+        """Nodes whose lease is held, by Redis' clock. Two round trips."""
+        k = self.keys
+        now_s, now_us = await self.redis.time()
+        now_ms = now_s * 1000 + now_us // 1000
+        ids: list[str] = await self.redis.zrangebyscore(k.nodes(), now_ms, "+inf")
+        pipe = self.redis.pipeline(transaction=False)
+        for node_id in ids:
+            pipe.hgetall(k.node_info(node_id))
+            pipe.scard(k.node_sessions(node_id))
+        raw = await pipe.execute()
+        nodes = []
+        for node_id, info, count in zip(ids, raw[::2], raw[1::2], strict=True):
+            if not info:
+                continue
+            capacity = info.get("capacity", "")
+            nodes.append(
+                NodeInfo(
+                    node_id=node_id,
+                    host=info.get("host", ""),
+                    started_at=float(info.get("started_at", "0")),
+                    last_heartbeat=int(info.get("last_heartbeat_ms", "0")) / 1000,
+                    sessions=int(count),
+                    capacity=int(capacity) if capacity else None,
+                    draining=info.get("draining") == "1",
+                    version=info.get("version", ""),
+                )
+            )
+        return nodes
+
+    async def expired_nodes(self, limit: int = 100) -> list[str]:
+        return list(await self.scripts("expired_nodes", [self.keys.nodes()], [limit]))
+
+    async def reap(
+        self, dead: str, ref: str, target: str = "", target_capacity: int | None = None
+    ) -> ReapResult:
+        """Take one session away from a dead node: move its slot to ``target`` or release
+        it. Exactly one reaper wins for each session."""
+        k = self.keys
+        call_id, _ = split_ref(ref)
+        result = await self.scripts(
+            "reap",
+            [
+                k.nodes(),
+                k.node_sessions(dead),
+                k.node_sessions(target) if target else k.node_sessions(dead),
+                k.call_counts(),
+                k.live(),
+                k.ended(),
+            ],
+            [dead, ref, call_id, target, _limit(target_capacity), self._tombstone_ms],
+        )
+        return ReapResult(result)
+
+    async def forget_node(self, node_id: str) -> bool:
+        k = self.keys
+        return bool(
+            await self.scripts(
+                "forget_node",
+                [k.nodes(), k.node_sessions(node_id), k.node_info(node_id)],
+                [node_id],
+            )
+        )
+
+    async def remove_node(self, node_id: str) -> None:
+        """A clean shutdown: the node leaves the registry at once."""
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(k.nodes(), node_id)
+        pipe.delete(k.node_info(node_id))
+        await pipe.execute()

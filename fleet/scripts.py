@@ -1,0 +1,129 @@
+"""The Lua scripts: read from ``lua/*.lua``, loaded once per connection, called by SHA.
+
+A Redis that restarted has an empty script cache; the first call then gets NOSCRIPT, loads
+the script again and retries, so callers never see it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+
+class AdmitResult(enum.StrEnum):
+    """What ``admit.lua`` answers: ``ok``, or the name of the limit that refused."""
+
+    OK = "ok"
+    NOT_READY = "not_ready"
+    MAX_SESSIONS_PER_CALL = "max_sessions_per_call"
+    MAX_SESSIONS = "max_sessions"
+    NODE_CAPACITY = "node_capacity"
+
+
+class EndResult(enum.IntEnum):
+    """What ``end_session.lua`` answers."""
+
+    FENCED = -1
+    MISSING = 0
+    ENDED = 1
+    ALREADY_ENDED = 2
+
+
+class ReapResult(enum.StrEnum):
+    """What ``reap.lua`` answers."""
+
+    ALIVE = "alive"
+    GONE = "gone"
+    NO_ROOM = "no_room"
+    MOVED = "moved"
+    RELEASED = "released"
+
+
+class HeartbeatStatus(enum.StrEnum):
+    OK = "ok"
+    EXPIRED = "expired"
+    NEW = "new"
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
+
+
+def _read(name: str) -> Script:
+    source = resources.files("fleet").joinpath("lua", f"{name}.lua").read_text()
+    return Script(name, source)
+
+
+class Scripts:
+    """Every script of fleet, callable by name."""
+
+    NAMES = (
+        "admit",
+        "release",
+        "create_session",
+        "mark_running",
+        "end_session",
+        "request_close",
+        "heartbeat",
+        "expired_nodes",
+        "reap",
+        "forget_node",
+        "reassert",
+        "checkpoint",
+    )
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._scripts = {name: _read(name) for name in self.NAMES}
+
+    async def load(self) -> None:
+        for script in self._scripts.values():
+            await self._redis.script_load(script.source)
+
+    async def __call__(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        script = self._scripts[name]
+        try:
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._redis.script_load(script.source)
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+
+    def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+        """Add a call to a pipeline (scripts must be loaded: see ``run_pipeline``)."""
+        script = self._scripts[name]
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def run_pipeline(
+        self,
+        calls: list[tuple[str, list[str], list[Any]]],
+        before: Callable[[Any], None] | None = None,
+    ) -> list[Any]:
+        """Run several script calls in one round trip, after any plain commands ``before``
+        queues (their results come first). Calls that met an empty script cache (NOSCRIPT:
+        Redis restarted) are run again, alone, after a reload."""
+        pipe = self._redis.pipeline(transaction=False)
+        if before is not None:
+            before(pipe)
+        offset = len(pipe)
+        for name, keys, args in calls:
+            self.queue(pipe, name, keys, args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        for i, result in enumerate(results):
+            if isinstance(result, NoScriptError) and i >= offset:
+                results[i] = await self(*calls[i - offset])
+            elif isinstance(result, Exception):
+                raise result
+        return results

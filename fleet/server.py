@@ -1,0 +1,86 @@
+"""Serving a node: uvicorn for one process; gunicorn with uvicorn workers for several."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from types import FrameType
+
+import uvicorn
+
+from fleet.api import create_app
+from fleet.node import Node
+from fleet.settings import Settings
+
+log = logging.getLogger("fleet.server")
+
+
+class FleetServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM or SIGINT starts the node's drain while the
+    server keeps answering (``/ready`` says 503, new starts get 503 ``draining``); the
+    server stops once the drain is over. A second signal stops it at once."""
+
+    def __init__(self, config: uvicorn.Config, node: Node) -> None:
+        super().__init__(config)
+        self.node = node
+        self._signals = 0
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1 or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        self.node.begin_drain()
+        asyncio.get_running_loop().create_task(self._exit_when_drained())
+
+    async def _exit_when_drained(self) -> None:
+        await self.node.drained.wait()
+        self.should_exit = True
+
+
+def refuse_open_bind(settings: Settings) -> str | None:
+    if (
+        settings.binds_publicly()
+        and not settings.principals()
+        and not settings.allow_unauthenticated
+    ):
+        return (
+            f"refusing to listen on {settings.host} without FLEET_API_KEYS: anyone who can "
+            "reach it could start and stop sessions. Set FLEET_API_KEYS, bind to 127.0.0.1, "
+            "or set FLEET_ALLOW_UNAUTHENTICATED=true if a trusted proxy guards it."
+        )
+    return None
+
+
+def serve(settings: Settings) -> int:
+    problem = refuse_open_bind(settings)
+    if problem:
+        print(f"fleet: {problem}", file=sys.stderr)
+        return 2
+    if settings.workers > 1:
+        from fleet.gunicorn_app import run_gunicorn
+
+        return run_gunicorn(settings)
+    node = Node(settings)
+    app = create_app(settings, node)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=max(1, int(settings.close_grace) + 1),
+        proxy_headers=True,
+        server_header=False,
+    )
+    server = FleetServer(config, node)
+    log.info(
+        "listening on http://%s:%d (node %s, pid %d)",
+        settings.host,
+        settings.port,
+        settings.node_id,
+        os.getpid(),
+    )
+    server.run()
+    return 0

@@ -1,0 +1,208 @@
+"""One session running on this node: the worker's task and everything around it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from fleet import metrics
+from fleet.errors import CheckpointTooLarge, LeaseLost
+from fleet.keys import make_ref
+from fleet.models import CloseReason, EndReason, SessionRecord, State
+from fleet.worker import SessionContext, Worker
+
+if TYPE_CHECKING:
+    from fleet.node import Node
+
+log = logging.getLogger("fleet.session")
+
+_END_REASON_FOR_CLOSE = {
+    CloseReason.CLOSED: EndReason.CLOSED,
+    CloseReason.MAX_DURATION: EndReason.MAX_DURATION,
+    CloseReason.IDLE: EndReason.IDLE,
+    CloseReason.HANDOFF: EndReason.NODE_SHUTDOWN,
+}
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class LocalSession:
+    """Runs a worker for one session and records how it ends.
+
+    The end is written once, fenced by owner and epoch: if another node took the session
+    over (``moved``), this copy stops without writing anything.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        record: SessionRecord,
+        worker: Worker,
+        *,
+        state: Any = None,
+        resumed: bool = False,
+    ) -> None:
+        self.node = node
+        self.record = record
+        self.ref = make_ref(record.call_id, record.session_id)
+        self.worker = worker
+        self.ctx = SessionContext(
+            session_id=record.session_id,
+            call_id=record.call_id,
+            call_type=record.call_type,
+            params=record.params,
+            node_id=node.node_id,
+            state=state,
+            resumed=resumed,
+            hooks=self,
+        )
+        self.running: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.done = asyncio.Event()
+        self.final: SessionRecord | None = None
+        self.last_activity = time.monotonic()
+        self.started_mono = time.monotonic()
+        self.close_requested_at: float | None = None
+        self.reply_to: set[str] = set()
+        self._moved = False
+        self._lost: str | None = None
+        self._cancel_timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def log_extra(self) -> dict[str, str]:
+        return {
+            "node_id": self.node.node_id,
+            "session_id": self.record.session_id,
+            "call_id": self.record.call_id,
+        }
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._main(), name=f"session {self.ref}")
+
+    # -- hooks the context calls --------------------------------------------------------
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    async def emit(self, type: str, data: Any) -> None:
+        self.touch()
+        await self.node.emit(self.record, type, data)
+
+    async def checkpoint(self, state: Any) -> None:
+        payload = to_json(state)
+        size = len(payload.encode())
+        limit = self.node.settings.max_checkpoint_bytes
+        if size > limit:
+            metrics.CHECKPOINTS.labels("too_large").inc()
+            raise CheckpointTooLarge(f"checkpoint of {size} bytes is over the {limit}-byte limit")
+        version = await self.node.registry.checkpoint(
+            self.record, payload, self.node.settings.checkpoint_history
+        )
+        if version < 0:
+            metrics.CHECKPOINTS.labels("stale").inc()
+            self.lose("moved")
+            raise LeaseLost(f"session {self.ref} is no longer owned by this node at this epoch")
+        metrics.CHECKPOINTS.labels("ok").inc()
+        metrics.CHECKPOINT_BYTES.observe(size)
+        self.record.checkpoint_version = version
+
+    # -- control ------------------------------------------------------------------------
+    @property
+    def closing(self) -> bool:
+        return self.ctx.closing.is_set()
+
+    def request_close(self, reason: CloseReason, grace: float | None = None) -> None:
+        """Ask the worker to stop; cancel it if it has not returned after the grace."""
+        if self.closing or self.done.is_set():
+            return
+        self.close_requested_at = time.monotonic()
+        self.ctx.close_reason = reason.value
+        self.ctx.closing.set()
+        if self.record.state != State.ENDED:
+            self.node.count_state(self.record.state, -1)
+            self.record.state = State.CLOSING
+            self.node.count_state(State.CLOSING, +1)
+        grace = self.node.settings.close_grace if grace is None else grace
+        self._cancel_timer = asyncio.get_running_loop().call_later(grace, self._cancel)
+        if reason is not CloseReason.HANDOFF:
+            self.node.spawn(self.node.emit(self.record, "session_closing", {"reason": reason}))
+
+    def lose(self, why: str) -> None:
+        """Stop this copy without writing its end: the session is not ours any more (it was
+        moved to another node), or our lease lapsed (the end is written when Redis is back,
+        fenced)."""
+        if self.done.is_set():
+            return
+        self._lost = why
+        self._moved = why == "moved"
+        if not self.closing:
+            self.ctx.close_reason = CloseReason.HANDOFF.value
+            self.ctx.closing.set()
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def _main(self) -> None:
+        cancelled = False
+        try:
+            reason, error = await self._run_worker()
+        except asyncio.CancelledError:
+            # The node is being torn down without a drain: still record the end.
+            cancelled = True
+            reason, error = EndReason.NODE_SHUTDOWN, ""
+        if self._cancel_timer is not None:
+            self._cancel_timer.cancel()
+        try:
+            await self.node.finish(self, reason, error, moved=self._moved)
+        finally:
+            self.done.set()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _run_worker(self) -> tuple[EndReason, str]:
+        try:
+            event = "session_resumed" if self.ctx.resumed else "session_started"
+            state = await self.node.registry.mark_running(
+                self.record, event, {"node_id": self.node.node_id, "epoch": self.record.epoch}
+            )
+            if state == "lease_lost":
+                self._moved = True
+                raise LeaseLost("this node lost the session before its worker started")
+            if self.record.state == State.STARTING:
+                self.node.count_state(State.STARTING, -1)
+                self.record.state = State.RUNNING
+                self.node.count_state(State.RUNNING, +1)
+            if not self.running.done():
+                self.running.set_result(state)
+            await self.worker.run(self.ctx)
+        except asyncio.CancelledError:
+            if self._lost is None and not self.closing:
+                raise  # the node itself is going away: finish() still runs in _main
+            return self._end_reason_for_close(), ""
+        except LeaseLost as exc:
+            if not self.running.done():
+                self.running.set_exception(exc)
+            return EndReason.NODE_LOST, ""
+        except Exception as exc:
+            log.exception("worker failed", extra=self.log_extra)
+            if not self.running.done():
+                self.running.set_exception(exc)
+            return EndReason.FAILED, type(exc).__name__
+        finally:
+            if not self.running.done():
+                self.running.set_exception(LeaseLost("the session stopped before it ran"))
+        if self.closing:
+            return self._end_reason_for_close(), ""
+        return EndReason.COMPLETED, ""
+
+    def _end_reason_for_close(self) -> EndReason:
+        if self._lost is not None:
+            return EndReason.NODE_LOST
+        return _END_REASON_FOR_CLOSE[CloseReason(self.ctx.close_reason or "closed")]

@@ -1,0 +1,146 @@
+"""The worker interface: what user code implements, and what it is given."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from fleet.errors import WorkerLoadError
+
+
+class SessionHooks(Protocol):
+    """What the runtime does for a context; implemented by ``fleet.session.LocalSession``."""
+
+    async def emit(self, type: str, data: Any) -> None: ...
+    async def checkpoint(self, state: Any) -> None: ...
+    def touch(self) -> None: ...
+
+
+class SessionContext:
+    """Everything a worker is given for one session.
+
+    ``closing`` is set when the session is asked to stop (``close_reason`` says why): the
+    worker should wrap up and return within ``FLEET_CLOSE_GRACE`` seconds, after which its
+    task is cancelled.
+    """
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        call_id: str,
+        call_type: str,
+        params: dict[str, Any],
+        node_id: str,
+        state: Any,
+        resumed: bool,
+        hooks: SessionHooks,
+    ) -> None:
+        self.session_id = session_id
+        self.call_id = call_id
+        self.call_type = call_type
+        self.params = params
+        self.node_id = node_id
+        self.state = state
+        self.resumed = resumed
+        self.closing = asyncio.Event()
+        self.close_reason: str | None = None
+        self.metrics: dict[str, float] = {}
+        self._hooks = hooks
+
+    async def emit(self, type: str, data: Any = None) -> None:
+        """Send an event to the session's streaming clients. Counts as activity."""
+        await self._hooks.emit(type, data)
+
+    async def checkpoint(self, state: Any) -> None:
+        """Save a JSON state; the latest is handed back if the session resumes elsewhere.
+        Raises ``fleet.errors.LeaseLost`` if this node no longer owns the session."""
+        await self._hooks.checkpoint(state)
+
+    def touch(self) -> None:
+        """Record activity, for ``FLEET_IDLE_TIMEOUT``."""
+        self._hooks.touch()
+
+
+@runtime_checkable
+class Worker(Protocol):
+    """User code: ``run`` returns to complete the session, raises to fail it."""
+
+    async def run(self, ctx: SessionContext) -> None: ...
+
+
+WorkerFactory = Callable[[], Worker]
+
+
+class WorkerSpec:
+    """A loaded ``module:attr``: makes one worker per session and knows its options."""
+
+    def __init__(self, import_string: str, factory: WorkerFactory, template: Any) -> None:
+        self.import_string = import_string
+        self._factory = factory
+        self._template = template
+
+    def create(self) -> Worker:
+        return self._factory()
+
+    @property
+    def resumable(self) -> bool:
+        return bool(getattr(self._template, "resumable", True))
+
+    def validate_params(self, params: dict[str, Any]) -> None:
+        """Raise ``ValueError`` with a clear message when the worker refuses ``params``."""
+        validate = getattr(self._template, "validate_params", None)
+        if validate is not None:
+            validate(params)
+
+
+class _FunctionWorker:
+    def __init__(self, fn: Callable[[SessionContext], Any]) -> None:
+        self._fn = fn
+
+    async def run(self, ctx: SessionContext) -> None:
+        await self._fn(ctx)
+
+
+def load_worker(import_string: str) -> WorkerSpec:
+    """Load ``module:attr``: a class with ``async def run(self, ctx)`` (one instance per
+    session), an instance of one, or an ``async def`` taking the context."""
+    module_name, sep, attr_path = import_string.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise WorkerLoadError(f"worker {import_string!r} must be 'module:attr'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise WorkerLoadError(
+            f"worker {import_string!r}: cannot import module {module_name!r} ({exc})"
+        ) from exc
+    target: Any = module
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise WorkerLoadError(
+                f"worker {import_string!r}: module {module_name!r} has no attribute {attr_path!r}"
+            ) from None
+
+    if inspect.isclass(target):
+        if not inspect.iscoroutinefunction(getattr(target, "run", None)):
+            raise WorkerLoadError(
+                f"worker {import_string!r}: class {target.__name__} "
+                "has no 'async def run(self, ctx)'"
+            )
+        cls = target
+        return WorkerSpec(import_string, lambda: cls(), cls)
+    if inspect.iscoroutinefunction(target):
+        fn = target
+        return WorkerSpec(import_string, lambda: _FunctionWorker(fn), fn)
+    if inspect.iscoroutinefunction(getattr(target, "run", None)):
+        instance = target
+        return WorkerSpec(import_string, lambda: instance, instance)
+    raise WorkerLoadError(
+        f"worker {import_string!r} is a {type(target).__name__}, not a worker: expected a class "
+        "or object with 'async def run(self, ctx)', or an 'async def' function"
+    )
