@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
+import tempfile
 from typing import Any
 
 from fleet import __version__
@@ -27,10 +29,13 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fleet.server import serve
-
     settings = _settings(args)
     configure(settings.log_level, settings.log_format)
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Must be set before prometheus_client is imported: the workers share one view.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fleet-metrics-")
+    from fleet.server import serve
+
     return serve(settings)
 
 

@@ -27,31 +27,23 @@ async def run_one(settings: Settings, call_id: str, params: dict[str, Any]) -> i
             file=sys.stderr,
         )
         session = node.sessions[make_ref(call_id, record.session_id)]
-        events = node.redis.xread  # the session's stream, followed in order
-        stream = node.registry.keys.events(call_id, record.session_id)
         last = "0-0"
         done = asyncio.create_task(session.done.wait())
         stopping = asyncio.create_task(stop.wait())
         while True:
-            reply = await events({stream: last}, block=200, count=100)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    print(
-                        json.dumps(
-                            {
-                                "id": entry_id,
-                                "event": fields["type"],
-                                "data": json.loads(fields["data"]),
-                            }
-                        ),
-                        flush=True,
-                    )
-                    if fields["type"] == "session_ended":
-                        return 0 if session.final and session.final.end_reason != "failed" else 1
+            events = await node.registry.read_events(call_id, record.session_id, last, 200)
+            for entry_id, type_, data in events:
+                last = entry_id
+                print(
+                    json.dumps({"id": entry_id, "event": type_, "data": json.loads(data)}),
+                    flush=True,
+                )
+                if type_ == "session_ended":
+                    failed = session.final is not None and session.final.end_reason == "failed"
+                    return 1 if failed else 0
             if stopping.done() and not session.closing:
                 await node.close_session(call_id, record.session_id)
-            if done.done() and not reply:
+            if done.done() and not events:
                 return 0
     finally:
         await node.stop()

@@ -93,6 +93,6 @@ class ControlListener:
             finally:
                 self.subscribed = False
                 try:
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
                 except (RedisError, OSError):
                     pass

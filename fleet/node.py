@@ -333,11 +333,12 @@ class Node:
             self._state_counts[state] += delta
             metrics.SESSIONS_ACTIVE.labels(state).set(self._state_counts[state])
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a fire-and-forget coroutine that is cancelled with the node."""
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # -- control channel ----------------------------------------------------------------
     def _on_message(self, message: Message) -> None:

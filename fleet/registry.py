@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -217,8 +217,20 @@ class Registry:
             )
         )
 
+    async def read_events(
+        self, call_id: str, session_id: str, after: str, block_ms: int | None, count: int = 100
+    ) -> list[tuple[str, str, str]]:
+        """Events after ``after`` as (id, type, data JSON), waiting up to ``block_ms``."""
+        reply = await self.redis.xread(
+            {self.keys.events(call_id, session_id): after}, count=count, block=block_ms
+        )
+        out: list[tuple[str, str, str]] = []
+        for _stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply):
+            out += [(entry_id, f["type"], f["data"]) for entry_id, f in entries]
+        return out
+
     async def get(self, call_id: str, session_id: str) -> SessionRecord | None:
-        raw = await self.redis.hgetall(self.keys.session(call_id, session_id))
+        raw = cast(dict[str, str], await self.redis.hgetall(self.keys.session(call_id, session_id)))
         return SessionRecord.from_hash(raw) if raw else None
 
     async def _records(self, keys: Iterable[str]) -> list[dict[str, str] | None]:
@@ -255,7 +267,7 @@ class Registry:
         ``None`` at the end. With ``node_id``, that node's live sessions (its index)."""
         k = self.keys
         if node_id is not None:
-            members = sorted(await self.redis.smembers(k.node_sessions(node_id)))
+            members = sorted(await self.node_slots(node_id))
             refs = members[cursor : cursor + limit]
             total = len(members)
         else:
@@ -269,10 +281,13 @@ class Registry:
             total = n_live + (n_ended if want_ended else 0)
             refs = []
             if cursor < n_live:
-                refs = await self.redis.zrange(k.live(), cursor, cursor + limit - 1)
+                refs = cast(
+                    list[str], await self.redis.zrange(k.live(), cursor, cursor + limit - 1)
+                )
             if len(refs) < limit and want_ended:
                 start = max(0, cursor - n_live)
-                refs += await self.redis.zrevrange(k.ended(), start, start + limit - len(refs) - 1)
+                stop = start + limit - len(refs) - 1
+                refs += cast(list[str], await self.redis.zrevrange(k.ended(), start, stop))
         raws = await self._records(k.session(*split_ref(ref)) for ref in refs)
         records = [SessionRecord.from_hash(raw) for raw in raws if raw]
         if state is not None:
@@ -325,14 +340,14 @@ class Registry:
         return HeartbeatStatus(status)
 
     async def node_slots(self, node_id: str) -> set[str]:
-        return set(await self.redis.smembers(self.keys.node_sessions(node_id)))
+        return cast(set[str], await self.redis.smembers(self.keys.node_sessions(node_id)))
 
     async def live_nodes(self) -> list[NodeInfo]:
         """Nodes whose lease is held, by Redis' clock. Two round trips."""
         k = self.keys
         now_s, now_us = await self.redis.time()
         now_ms = now_s * 1000 + now_us // 1000
-        ids: list[str] = await self.redis.zrangebyscore(k.nodes(), now_ms, "+inf")
+        ids = cast(list[str], await self.redis.zrangebyscore(k.nodes(), now_ms, "+inf"))
         pipe = self.redis.pipeline(transaction=False)
         for node_id in ids:
             pipe.hgetall(k.node_info(node_id))

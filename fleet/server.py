@@ -60,6 +60,13 @@ def serve(settings: Settings) -> int:
         print(f"fleet: {problem}", file=sys.stderr)
         return 2
     if settings.workers > 1:
+        if settings.embedded:
+            print(
+                "fleet: --workers > 1 needs FLEET_REDIS_URL: each process would get an "
+                "embedded Redis of its own, and they could not see each other's sessions.",
+                file=sys.stderr,
+            )
+            return 2
         from fleet.gunicorn_app import run_gunicorn
 
         return run_gunicorn(settings)

@@ -72,6 +72,7 @@ class LocalSession:
         self._lost: str | None = None
         self._cancel_timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self._closing_event: asyncio.Task[None] | None = None
 
     @property
     def log_extra(self) -> dict[str, str]:
@@ -129,7 +130,9 @@ class LocalSession:
         grace = self.node.settings.close_grace if grace is None else grace
         self._cancel_timer = asyncio.get_running_loop().call_later(grace, self._cancel)
         if reason is not CloseReason.HANDOFF:
-            self.node.spawn(self.node.emit(self.record, "session_closing", {"reason": reason}))
+            self._closing_event = self.node.spawn(
+                self.node.emit(self.record, "session_closing", {"reason": reason.value})
+            )
 
     def lose(self, why: str) -> None:
         """Stop this copy without writing its end: the session is not ours any more (it was
@@ -159,6 +162,9 @@ class LocalSession:
             reason, error = EndReason.NODE_SHUTDOWN, ""
         if self._cancel_timer is not None:
             self._cancel_timer.cancel()
+        if self._closing_event is not None:
+            # session_closing goes into the stream before session_ended.
+            await asyncio.gather(self._closing_event, return_exceptions=True)
         try:
             await self.node.finish(self, reason, error, moved=self._moved)
         finally:

@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import inspect
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from fleet.errors import WorkerLoadError
 
@@ -133,7 +133,7 @@ def load_worker(import_string: str) -> WorkerSpec:
                 "has no 'async def run(self, ctx)'"
             )
         cls = target
-        return WorkerSpec(import_string, lambda: cls(), cls)
+        return WorkerSpec(import_string, lambda: cast(Worker, cls()), cls)
     if inspect.iscoroutinefunction(target):
         fn = target
         return WorkerSpec(import_string, lambda: _FunctionWorker(fn), fn)

@@ -17,11 +17,10 @@ from fleet.settings import Settings
 
 def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
     """The app runs ``node`` (a new ``Node(settings)`` by default) for its lifespan."""
+    running = node if node is not None else Node(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        running = node if node is not None else Node(settings)
-        app.state.node = running
         await running.start()
         try:
             yield
@@ -35,6 +34,7 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.node = running
     errors.install(app)
     app.include_router(sessions.router)
     app.include_router(nodes.router)

@@ -1,0 +1,140 @@
+"""Node behaviour in one process, on fakeredis and on a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+from redis.asyncio import Redis
+
+from fleet.keys import make_ref
+from fleet.models import SessionRecord
+from fleet.node import Node
+from fleet.registry import Registry
+from tests.conftest import SettingsFactory, running_node, wait_ready
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def ended_with(node: Node, call: str, sid: str) -> str | None:
+    rec = await node.registry.get(call, sid)
+    return rec.end_reason if rec and rec.state == "ended" else None
+
+
+async def test_idle_timeout_ends_idle_sessions_only(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    async with running_node(
+        make_settings(worker="tests.workers:Quiet", idle_timeout=0.4), redis
+    ) as node:
+        await wait_ready(node)
+        quiet = await node.start_session("c", "default", {})
+        await eventually(lambda: _is(node, "c", quiet.session_id, "idle"))
+    settings = make_settings(worker="tests.workers:Chatty", idle_timeout=0.4)
+    async with running_node(settings, redis) as node:
+        await wait_ready(node)
+        chatty = await node.start_session("c", "default", {})
+        await asyncio.sleep(1.0)
+        rec = await node.registry.get("c", chatty.session_id)
+        assert rec is not None and rec.state == "running"
+
+
+async def _is(node: Node, call: str, sid: str, reason: str) -> bool:
+    return await ended_with(node, call, sid) == reason
+
+
+async def test_max_duration_goes_through_closing(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    settings = make_settings(worker="tests.workers:Quiet", max_session_duration=0.4)
+    async with running_node(settings, redis) as node:
+        await wait_ready(node)
+        rec = await node.start_session("c", "default", {})
+        session = node.sessions[make_ref("c", rec.session_id)]
+        await eventually(lambda: _is(node, "c", rec.session_id, "max_duration"))
+        assert session.ctx.close_reason == "max_duration"
+        events = await redis.xrange(node.registry.keys.events("c", rec.session_id))
+        types = [fields["type"] for _, fields in cast(list[tuple[str, dict[str, str]]], events)]
+        assert types == ["session_started", "session_closing", "session_ended"]
+
+
+async def test_lost_close_message_is_caught_by_the_maintenance_pass(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    async with running_node(make_settings(maintenance_interval=0.3), redis) as node:
+        await wait_ready(node)
+        rec = await node.start_session("c", "default", {})
+        # Set the durable flag as request_close would, but publish nothing.
+        await redis.hset(node.registry.keys.session("c", rec.session_id), "close_reason", "closed")
+        await eventually(lambda: _is(node, "c", rec.session_id, "closed"), timeout=3)
+
+
+async def test_redis_data_loss_is_reasserted(make_settings: SettingsFactory, redis: Redis) -> None:
+    async with running_node(make_settings(node_ttl=1.5, max_sessions=5), redis) as node:
+        await wait_ready(node)
+        rec = await node.start_session("c", "default", {})
+        await redis.flushdb()
+        await redis.script_flush()
+        began = time.monotonic()
+
+        async def back() -> bool:
+            got = await node.registry.get("c", rec.session_id)
+            slots = await node.registry.node_slots(node.node_id)
+            nodes = await node.registry.live_nodes()
+            return (
+                got is not None
+                and got.state == "running"
+                and make_ref("c", rec.session_id) in slots
+                and [n.node_id for n in nodes] == [node.node_id]
+            )
+
+        await eventually(back, timeout=3)
+        assert time.monotonic() - began < 2.0
+        assert node.readiness() == (True, "ok")
+        # The restored slot counts against the limits again.
+        assert await redis.zcard(node.registry.keys.live()) == 1
+
+
+async def test_a_dead_nodes_sessions_end_as_node_lost(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    settings = make_settings(node_ttl=1.0, maintenance_interval=0.2)
+    ghost = Registry(redis, settings)
+    await ghost.load()
+    await ghost.heartbeat("ghost", {"host": "gone"})
+    sids = [f"s{i}" for i in range(3)]
+    for sid in sids:
+        await ghost.admit("ghost", "c", sid)
+        await ghost.create(
+            SessionRecord(session_id=sid, call_id="c", call_type="default", node_id="ghost",
+                          started_at=time.time())
+        )  # fmt: skip
+    async with running_node(settings, redis) as node:
+        await wait_ready(node)
+        for sid in sids:
+            await eventually(lambda sid=sid: _is(node, "c", sid, "node_lost"), timeout=4)  # type: ignore[misc]
+        await eventually(lambda: _only_node(node), timeout=2)
+        assert await redis.hgetall(node.registry.keys.call_counts()) == {}
+
+
+async def _only_node(node: Node) -> bool:
+    ids = await node.registry.redis.zrange(node.registry.keys.nodes(), 0, -1)
+    return list(ids) == [node.node_id]
+
+
+async def test_stray_slot_is_released(make_settings: SettingsFactory, redis: Redis) -> None:
+    async with running_node(make_settings(maintenance_interval=0.2), redis) as node:
+        await wait_ready(node)
+        await node.registry.admit(node.node_id, "c", "orphan")  # a start that died half-way
+        await eventually(lambda: _no_slots(node), timeout=3)
+
+
+async def _no_slots(node: Node) -> bool:
+    return not await node.registry.node_slots(node.node_id)

@@ -1,0 +1,196 @@
+"""Registry scripts on fakeredis and on a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from redis.asyncio import Redis
+
+from fleet.errors import AdmissionRejected, NotAccepting
+from fleet.keys import make_ref
+from fleet.models import SessionRecord
+from fleet.registry import Registry
+from fleet.scripts import EndResult, HeartbeatStatus, ReapResult
+from tests.conftest import SettingsFactory
+
+
+async def registry(redis: Redis, make_settings: SettingsFactory, **kw: object) -> Registry:
+    reg = Registry(redis, make_settings(**kw))
+    await reg.load()
+    return reg
+
+
+def record(call: str, sid: str, node: str, epoch: int = 1) -> SessionRecord:
+    return SessionRecord(
+        session_id=sid, call_id=call, call_type="default", node_id=node, epoch=epoch,
+        started_at=time.time(),
+    )  # fmt: skip
+
+
+async def test_admission_needs_a_held_lease(redis: Redis, make_settings: SettingsFactory) -> None:
+    reg = await registry(redis, make_settings)
+    with pytest.raises(NotAccepting) as err:
+        await reg.admit("n1", "c", "s1")
+    assert err.value.code == "not_ready"
+    assert await reg.heartbeat("n1", {}) is HeartbeatStatus.NEW
+    await reg.admit("n1", "c", "s1")
+    assert await reg.heartbeat("n1", {}) is HeartbeatStatus.OK
+
+
+@pytest.mark.parametrize(
+    ("limits", "code"),
+    [
+        ({"max_sessions_per_call": 3}, "max_sessions_per_call"),
+        ({"max_sessions": 3}, "max_sessions"),
+        ({"max_sessions_per_node": 3}, "node_capacity"),
+    ],
+)
+async def test_concurrent_admissions_never_exceed_a_limit(
+    redis: Redis, make_settings: SettingsFactory, limits: dict[str, int], code: str
+) -> None:
+    reg = await registry(redis, make_settings, **limits)
+    await reg.heartbeat("n1", {})
+
+    async def one(i: int) -> str:
+        try:
+            await reg.admit("n1", "call", f"s{i}")
+            return "ok"
+        except AdmissionRejected as exc:
+            return exc.code
+
+    results = await asyncio.gather(*(one(i) for i in range(50)))
+    assert results.count("ok") == 3
+    assert set(results) == {"ok", code}
+    # Releasing one frees exactly one slot; releasing twice frees nothing more.
+    admitted = [f"s{i}" for i, r in enumerate(results) if r == "ok"]
+    assert await reg.release("n1", "call", admitted[0], listed=True)
+    assert not await reg.release("n1", "call", admitted[0], listed=True)
+    assert (await asyncio.gather(*(one(i) for i in range(100, 110)))).count("ok") == 1
+
+
+async def test_release_leaves_no_counter_behind(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings)
+    await reg.heartbeat("n1", {})
+    await reg.admit("n1", "c", "s1")
+    await reg.release("n1", "c", "s1", listed=False)
+    k = reg.keys
+    assert await redis.hgetall(k.call_counts()) == {}
+    assert await redis.zcard(k.live()) == 0 and await redis.scard(k.node_sessions("n1")) == 0
+
+
+async def test_end_is_fenced_by_owner_and_epoch(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings)
+    await reg.heartbeat("n1", {})
+    await reg.admit("n1", "c", "s1")
+    rec = record("c", "s1", "n1", epoch=1)
+    assert await reg.create(rec)
+    assert not await reg.create(rec)  # never overwrites
+
+    stale = record("c", "s1", "n1", epoch=0)
+    assert await reg.end(stale, "closed") is EndResult.FENCED
+    stranger = record("c", "s1", "n2", epoch=1)
+    assert await reg.end(stranger, "closed") is EndResult.FENCED
+    assert await reg.checkpoint(stale, '{"n":1}', 1) == -1
+
+    assert await reg.checkpoint(rec, '{"n":1}', 1) == 1
+    assert await reg.end(rec, "completed") is EndResult.ENDED
+    assert await reg.end(rec, "completed") is EndResult.ALREADY_ENDED
+    assert await reg.checkpoint(rec, '{"n":2}', 1) == -1  # no writes after the end
+    got = await reg.get("c", "s1")
+    assert got is not None and got.state == "ended" and got.end_reason == "completed"
+    assert await redis.ttl(reg.keys.session("c", "s1")) > 0
+    assert await redis.scard(reg.keys.node_sessions("n1")) == 0
+
+
+async def test_close_sets_flag_and_publishes_to_owner(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings)
+    assert await reg.request_close("c", "nope", "closed", "m") == ("missing", "")
+    await reg.heartbeat("n1", {})
+    await reg.admit("n1", "c", "s1")
+    await reg.create(record("c", "s1", "n1"))
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(reg.keys.node_channel("n1"))
+    assert await reg.request_close("c", "s1", "closed", "hello") == ("closing", "n1")
+    message = None
+    for _ in range(50):
+        message = await pubsub.get_message(timeout=0.1)
+        if message:
+            break
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert message is not None and message["data"] == "hello"
+    slots, watched = await reg.snapshot("n1", [make_ref("c", "s1")])
+    assert slots == {make_ref("c", "s1")}
+    assert watched[0].close_reason == "closed" and watched[0].state == "closing"
+
+
+async def test_concurrent_reapers_take_each_session_once(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings, node_ttl=1.0)
+    await reg.heartbeat("dead", {})
+    refs = []
+    for i in range(20):
+        await reg.admit("dead", "c", f"s{i}")
+        refs.append(make_ref("c", f"s{i}"))
+    assert await reg.reap("dead", refs[0]) is ReapResult.ALIVE
+    await asyncio.sleep(1.1)
+    assert await reg.expired_nodes() == ["dead"]
+    results = await asyncio.gather(*(reg.reap("dead", ref) for ref in refs for _ in range(3)))
+    assert results.count(ReapResult.RELEASED) == 20
+    assert results.count(ReapResult.GONE) == 40
+    assert await reg.forget_node("dead")
+    assert await reg.expired_nodes() == []
+    assert await redis.hgetall(reg.keys.call_counts()) == {}
+
+
+async def test_reap_moves_to_a_live_target_with_room(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings, node_ttl=1.0)
+    await reg.heartbeat("dead", {})
+    await reg.admit("dead", "c", "s1")
+    await reg.admit("dead", "c", "s2")
+    await asyncio.sleep(1.1)
+    await reg.heartbeat("alive", {})
+    assert await reg.reap("dead", make_ref("c", "s1"), "alive", 1) is ReapResult.MOVED
+    assert await reg.reap("dead", make_ref("c", "s2"), "alive", 1) is ReapResult.NO_ROOM
+    assert await reg.node_slots("alive") == {make_ref("c", "s1")}
+
+
+async def test_heartbeat_reports_a_lapsed_lease(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings, node_ttl=1.0)
+    assert await reg.heartbeat("n1", {"host": "h"}) is HeartbeatStatus.NEW
+    await asyncio.sleep(1.1)
+    assert await reg.heartbeat("n1", {"host": "h"}) is HeartbeatStatus.EXPIRED
+    nodes = await reg.live_nodes()
+    assert [n.node_id for n in nodes] == ["n1"] and nodes[0].host == "h"
+
+
+async def test_scripts_survive_a_flushed_script_cache(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings)
+    await redis.script_flush()
+    assert await reg.heartbeat("n1", {}) is HeartbeatStatus.NEW
+    await reg.admit("n1", "c", "s1")
+    await reg.create(record("c", "s1", "n1"))
+    await redis.script_flush()
+    assert await reg.end(record("c", "s1", "n1"), "closed") is EndResult.ENDED
+
+
+async def test_events_are_bounded(redis: Redis, make_settings: SettingsFactory) -> None:
+    reg = await registry(redis, make_settings, events_maxlen=10)
+    rec = record("c", "s1", "n1")
+    for i in range(300):
+        await reg.emit(rec, "tick", str(i))
+    assert await redis.xlen(reg.keys.events("c", "s1")) < 150

@@ -1,0 +1,45 @@
+"""Workers the tests run (by import string, as a user would name their own)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fleet.worker import SessionContext
+
+
+class Boom:
+    async def run(self, ctx: SessionContext) -> None:
+        await asyncio.sleep(0.01)
+        raise RuntimeError("the worker broke, with a secret: hunter2")
+
+
+class Stubborn:
+    """Ignores ``ctx.closing``: only cancellation stops it."""
+
+    async def run(self, ctx: SessionContext) -> None:
+        while True:
+            await asyncio.sleep(3600)
+
+
+class Quiet:
+    """Waits for a close, never touching or emitting: idles out."""
+
+    async def run(self, ctx: SessionContext) -> None:
+        ctx.metrics["answer"] = 42
+        await ctx.closing.wait()
+
+
+class Chatty:
+    """Touches every 50 ms until closed: never idle."""
+
+    async def run(self, ctx: SessionContext) -> None:
+        while not ctx.closing.is_set():
+            ctx.touch()
+            await asyncio.sleep(0.05)
+
+
+async def function_worker(ctx: SessionContext) -> None:
+    await ctx.emit("hello", {"from": ctx.node_id})
+
+
+not_a_worker = 42
