@@ -89,7 +89,7 @@ class ControlListener:
                     log.warning("control channel lost (%s); resubscribing", type(exc).__name__)
                 self.subscribed = False
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 0.5)
             finally:
                 self.subscribed = False
                 try:

@@ -34,7 +34,7 @@ from fleet.models import CloseReason, EndReason, SessionRecord, State
 from fleet.redis_client import connect
 from fleet.registry import Registry
 from fleet.scripts import EndResult, HeartbeatStatus, ReapResult
-from fleet.session import LocalSession, to_json
+from fleet.session import LocalSession
 from fleet.settings import Settings
 from fleet.worker import load_worker
 
@@ -270,10 +270,6 @@ class Node:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def emit(self, record: SessionRecord, type: str, data: Any) -> None:
-        await self.registry.emit(record, type, to_json(data))
-        metrics.EVENTS_EMITTED.inc()
-
     async def finish(
         self, session: LocalSession, reason: EndReason, error: str, *, moved: bool
     ) -> None:
@@ -394,7 +390,6 @@ class Node:
         )
         recovering = not self.redis_ok or not self.lease_held
         self.redis_ok = True
-        self.lease_held = True
         self._last_renewal = now
         if status is not HeartbeatStatus.OK or lapsed or recovering:
             if self.sessions or status is not HeartbeatStatus.OK:
@@ -403,7 +398,14 @@ class Node:
                     status.value,
                     extra={"node_id": self.node_id},
                 )
-            self._maintain_now.set()
+            # Ready again only once what Redis may have lost is written back.
+            try:
+                await self._check_own_sessions()
+            except REDIS_ERRORS:
+                self.redis_ok = False
+                self._set_ready_gauge()
+                return
+        self.lease_held = True
         self._set_ready_gauge()
 
     def _lease_lapsed(self) -> None:
@@ -422,7 +424,10 @@ class Node:
 
     async def _lease_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            # While Redis is away, knock more often: the node is ready again soon after
+            # Redis is back, whatever the lease length.
+            interval = self.settings.heartbeat_interval
+            await asyncio.sleep(interval if self.redis_ok else min(interval, 0.25))
             await self._renew_lease()
 
     # -- maintenance --------------------------------------------------------------------
@@ -445,11 +450,17 @@ class Node:
                 log.exception("maintenance pass failed", extra={"node_id": self.node_id})
 
     async def maintain(self) -> None:
-        """The fallback pass: close flags, ownership, lost records and slots, unwritten
-        ends, and dead nodes. One round trip for this node's own sessions."""
+        """The fallback pass: this node's own sessions (close flags, ownership, records and
+        slots Redis lost), then dead nodes."""
+        if not self.lease_held:
+            return
+        await self._check_own_sessions()
+        await self._reap_dead_nodes()
+        metrics.NODES_LIVE.set(await self.registry.redis.zcard(self.registry.keys.nodes()))
+
+    async def _check_own_sessions(self) -> None:
+        """One round trip for all of this node's sessions, then fixes where needed."""
         async with self._maintain_lock:
-            if not self.lease_held:
-                return
             await self._write_unwritten_ends()
             local = [s for s in self.sessions.values() if not s.done.is_set()]
             slots, watched = await self.registry.snapshot(self.node_id, [s.ref for s in local])
@@ -464,9 +475,6 @@ class Node:
                     session.ref in slots,
                 )
             await self._release_strays(slots)
-            await self._reap_dead_nodes()
-            nodes = await self.registry.redis.zcard(self.registry.keys.nodes())
-            metrics.NODES_LIVE.set(nodes)
 
     async def _reconcile(
         self,
@@ -480,12 +488,7 @@ class Node:
     ) -> None:
         record = session.record
         if not exists:
-            # Redis lost the record (a restart without persistence): write it back.
-            await self.registry.create(record)
-            await self.registry.reassert_slot(
-                self.node_id, record.call_id, record.session_id, record.started_at
-            )
-            log.warning("re-asserted a session Redis had lost", extra=session.log_extra)
+            await self.restore(session)
             return
         if owner != self.node_id or epoch != record.epoch or state == State.ENDED:
             session.lose("moved")
@@ -499,6 +502,16 @@ class Node:
                 session.request_close(CloseReason(close_reason))
             except ValueError:
                 session.request_close(CloseReason.CLOSED)
+
+    async def restore(self, session: LocalSession) -> None:
+        """Redis lost a session this node runs (a restart without persistence): write its
+        record and slot back. Never overwrites a record another node wrote meanwhile."""
+        record = session.record
+        if await self.registry.create(record):
+            log.warning("re-asserted a session Redis had lost", extra=session.log_extra)
+        await self.registry.reassert_slot(
+            self.node_id, record.call_id, record.session_id, record.started_at
+        )
 
     async def _release_strays(self, slots: set[str]) -> None:
         """Free slots this node holds for sessions it does not run, once they have been

@@ -6,7 +6,10 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from redis.exceptions import RedisError
 
 from fleet import metrics
 from fleet.errors import CheckpointTooLarge, LeaseLost
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
     from fleet.node import Node
 
 log = logging.getLogger("fleet.session")
+T = TypeVar("T")
+MISSING_RECORD = -2
 
 _END_REASON_FOR_CLOSE = {
     CloseReason.CLOSED: EndReason.CLOSED,
@@ -91,7 +96,20 @@ class LocalSession:
 
     async def emit(self, type: str, data: Any) -> None:
         self.touch()
-        await self.node.emit(self.record, type, data)
+        payload = to_json(data)
+        await self._through_outages(lambda: self.node.registry.emit(self.record, type, payload))
+        metrics.EVENTS_EMITTED.inc()
+
+    async def _through_outages(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry while Redis does not answer. The worker waits rather than fails: if the
+        outage outlasts the lease, the node stops this session anyway (cancelling this)."""
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except (RedisError, OSError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     async def checkpoint(self, state: Any) -> None:
         payload = to_json(state)
@@ -100,9 +118,15 @@ class LocalSession:
         if size > limit:
             metrics.CHECKPOINTS.labels("too_large").inc()
             raise CheckpointTooLarge(f"checkpoint of {size} bytes is over the {limit}-byte limit")
-        version = await self.node.registry.checkpoint(
-            self.record, payload, self.node.settings.checkpoint_history
+        history = self.node.settings.checkpoint_history
+        version = await self._through_outages(
+            lambda: self.node.registry.checkpoint(self.record, payload, history)
         )
+        if version == MISSING_RECORD:
+            await self._through_outages(lambda: self.node.restore(self))
+            version = await self._through_outages(
+                lambda: self.node.registry.checkpoint(self.record, payload, history)
+            )
         if version < 0:
             metrics.CHECKPOINTS.labels("stale").inc()
             self.lose("moved")
@@ -131,7 +155,7 @@ class LocalSession:
         self._cancel_timer = asyncio.get_running_loop().call_later(grace, self._cancel)
         if reason is not CloseReason.HANDOFF:
             self._closing_event = self.node.spawn(
-                self.node.emit(self.record, "session_closing", {"reason": reason.value})
+                self.emit("session_closing", {"reason": reason.value})
             )
 
     def lose(self, why: str) -> None:

@@ -3,9 +3,13 @@
 -- KEYS[2] checkpoint   LIST of checkpoint envelopes (JSON), newest first
 -- ARGV[1] node_id   ARGV[2] epoch   ARGV[3] state (JSON text, already validated)
 -- ARGV[4] saved_at (unix seconds)   ARGV[5] how many versions to keep
--- Returns the new version, or -1 when this owner is fenced out (or the session ended).
+-- Returns the new version; -1 when this owner is fenced out (or the session ended); -2 when
+-- there is no record (Redis lost it: the owner writes it back, then saves again).
 local rec = redis.call('HMGET', KEYS[1], 'node_id', 'epoch', 'state')
-if rec[1] ~= ARGV[1] or rec[2] ~= ARGV[2] or rec[3] == 'ended' or not rec[3] then
+if not rec[1] then
+  return -2
+end
+if rec[1] ~= ARGV[1] or rec[2] ~= ARGV[2] or rec[3] == 'ended' then
   return -1
 end
 local version = redis.call('HINCRBY', KEYS[1], 'checkpoint_version', 1)

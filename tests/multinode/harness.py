@@ -1,0 +1,181 @@
+"""A local fleet for tests and benchmarks: a real redis-server and N real ``fleet serve``
+processes on free loopback ports, plus a round-robin client."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.redis_server import RedisServer, free_port
+
+
+class NodeProcess:
+    def __init__(self, name: str, port: int, env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = env
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet", "serve", "--port", str(self.port)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class LocalFleet:
+    """``with LocalFleet(3, FLEET_NODE_TTL="2") as fleet:`` starts Redis and three nodes."""
+
+    def __init__(self, nodes: int = 3, redis: RedisServer | None = None, **settings: str) -> None:
+        self.redis = redis or RedisServer()
+        self._own_redis = redis is None
+        self.dir = Path(tempfile.mkdtemp(prefix="fleet-nodes-"))
+        self.prefix = f"t{uuid.uuid4().hex[:8]}"
+        self.settings = {
+            "FLEET_NODE_TTL": "3",
+            "FLEET_MAINTENANCE_INTERVAL": "0.5",
+            "FLEET_CLOSE_GRACE": "1",
+            "FLEET_DRAIN_TIMEOUT": "1",
+            **settings,
+        }
+        self.nodes = [self._make(f"node-{i}") for i in range(nodes)]
+        self._rr = itertools.cycle(range(nodes))
+        self.http = httpx.Client(timeout=10)
+
+    def _make(self, name: str) -> NodeProcess:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
+            "FLEET_REDIS_URL": self.redis.url,
+            "FLEET_NODE_ID": name,
+            "FLEET_KEY_PREFIX": self.prefix,
+            "PYTHONUNBUFFERED": "1",
+            **self.settings,
+        }
+        return NodeProcess(name, free_port(), env, self.dir / f"{name}.log")
+
+    def __enter__(self) -> LocalFleet:
+        if self._own_redis:
+            self.redis.start()
+        for node in self.nodes:
+            node.start()
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+        for node in self.nodes:
+            node.stop()
+        if self._own_redis:
+            self.redis.stop()
+
+    def add_node(self, name: str) -> NodeProcess:
+        node = self._make(name)
+        self.nodes.append(node)
+        node.start()
+        self.wait_ready([node])
+        return node
+
+    # -- waiting ----------------------------------------------------------------------
+    def ready(self, node: NodeProcess) -> bool:
+        try:
+            return self.http.get(f"{node.url}/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, nodes: list[NodeProcess] | None = None, timeout: float = 20) -> float:
+        """Seconds until every node answers ready."""
+        began = time.monotonic()
+        for node in nodes or self.nodes:
+            while not self.ready(node):
+                if not node.alive():
+                    raise AssertionError(f"{node.name} exited:\n{node.log()[-3000:]}")
+                if time.monotonic() - began > timeout:
+                    raise AssertionError(f"{node.name} not ready:\n{node.log()[-3000:]}")
+                time.sleep(0.05)
+        return time.monotonic() - began
+
+    # -- requests ---------------------------------------------------------------------
+    def next_node(self) -> NodeProcess:
+        for _ in self.nodes:
+            node = self.nodes[next(self._rr)]
+            if node.alive():
+                return node
+        raise AssertionError("no node is alive")
+
+    def request(
+        self, method: str, path: str, node: NodeProcess | None = None, **kw: Any
+    ) -> httpx.Response:
+        """A request to ``node``, or round-robin over the live nodes."""
+        target = node or self.next_node()
+        return self.http.request(method, target.url + path, **kw)
+
+    def start(
+        self, call: str = "demo", node: NodeProcess | None = None, **body: Any
+    ) -> dict[str, Any]:
+        resp = self.request("POST", f"/calls/{call}/sessions", node, json=body or None)
+        assert resp.status_code == 201, resp.text
+        data: dict[str, Any] = resp.json()
+        return data
+
+    def session(self, call: str, sid: str, node: NodeProcess | None = None) -> dict[str, Any]:
+        resp = self.request("GET", f"/calls/{call}/sessions/{sid}", node)
+        assert resp.status_code == 200, resp.text
+        data: dict[str, Any] = resp.json()
+        return data
+
+    def wait_session(
+        self, call: str, sid: str, *, timeout: float = 10, **expect: Any
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            data = self.session(call, sid)
+            if all(data.get(k) == v for k, v in expect.items()):
+                return data
+            if time.monotonic() > deadline:
+                raise AssertionError(f"session {sid} is {data}, expected {expect}")
+            time.sleep(0.02)
+
+    def node_named(self, name: str) -> NodeProcess:
+        return next(n for n in self.nodes if n.name == name)
