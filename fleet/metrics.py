@@ -78,3 +78,21 @@ HTTP_REQUEST_SECONDS = Histogram(
     ["method", "route"],
     buckets=LATENCY_BUCKETS,
 )
+
+
+def init_labels() -> None:
+    """Create every labelled series at zero, so that the first event after a start shows in
+    ``increase()`` and ``rate()`` (a series that appears at 1 has no increase)."""
+    from fleet.models import EndReason, State
+
+    for state in State:
+        if state is not State.ENDED:
+            SESSIONS_ACTIVE.labels(state.value)
+    for reason in EndReason:
+        SESSIONS_ENDED.labels(reason.value)
+    for code in ("max_sessions_per_call", "max_sessions", "node_capacity", "draining", "not_ready"):
+        ADMISSION_REJECTED.labels(code)
+    for result in ("ok", "stale", "too_large", "error"):
+        CHECKPOINTS.labels(result)
+    for result in ("resumed", "lost"):
+        FAILOVERS.labels(result)

@@ -55,6 +55,7 @@ class SessionRecord:
     checkpoint_version: int = 0
     close_reason: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    resumable: bool = True
 
     def to_hash(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -63,6 +64,8 @@ class SessionRecord:
                 continue
             if key in ("params", "metrics"):
                 out[key] = json.dumps(value, separators=(",", ":"))
+            elif isinstance(value, bool):
+                out[key] = "1" if value else "0"
             else:
                 out[key] = str(value)
         return out
@@ -86,6 +89,7 @@ class SessionRecord:
             checkpoint_version=int(raw.get("checkpoint_version", "0")),
             close_reason=raw.get("close_reason") or None,
             metrics=json.loads(raw.get("metrics", "{}")),
+            resumable=raw.get("resumable", "1") == "1",
         )
 
     def info(self) -> SessionInfo:
@@ -131,6 +135,13 @@ class SessionPage(BaseModel):
 
 class CloseAccepted(BaseModel):
     state: Literal["closing"] = "closing"
+
+
+class Checkpoint(BaseModel):
+    version: int
+    epoch: int
+    saved_at: float
+    state: Any
 
 
 class NodeInfo(BaseModel):

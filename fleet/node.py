@@ -29,11 +29,13 @@ from fleet.errors import (
     RedisUnavailable,
     SessionNotFound,
 )
-from fleet.keys import make_ref, split_ref
+from fleet.events import EventDispatcher  # events (issue 5)
+from fleet.failover import Failover, Targets
+from fleet.keys import make_ref
 from fleet.models import CloseReason, EndReason, SessionRecord, State
 from fleet.redis_client import connect
 from fleet.registry import Registry
-from fleet.scripts import EndResult, HeartbeatStatus, ReapResult
+from fleet.scripts import EndResult, HeartbeatStatus
 from fleet.session import LocalSession
 from fleet.settings import Settings
 from fleet.worker import load_worker
@@ -51,6 +53,7 @@ class Node:
         self.redis = redis if redis is not None else connect(settings)
         self._owns_redis = redis is None
         self.registry = Registry(self.redis, settings)
+        self.failover = Failover(self)
         self.started_at = time.time()
         self.host = socket.gethostname()
 
@@ -68,6 +71,7 @@ class Node:
         self._maintain_lock = asyncio.Lock()
         self.drained = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
+        self._handoff_targets: Targets | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._listener = ControlListener(
@@ -77,15 +81,19 @@ class Node:
             self._on_subscribed,
         )
         self._state_counts: dict[str, int] = {s: 0 for s in State if s is not State.ENDED}
+        # events (issue 5): one reader of session streams for every SSE/WS client here.
+        self.events = EventDispatcher(self.registry)
 
     # -- start-up and shutdown ----------------------------------------------------------
     async def start(self) -> None:
+        metrics.init_labels()
         metrics.BUILD_INFO.labels(__version__).set(1)
         metrics.NODE_DRAINING.set(0)
         await self._renew_lease()
         for loop in (self._lease_loop, self._maintenance_loop, self._tick_loop):
             self._tasks.append(asyncio.create_task(loop(), name=f"{self.node_id} {loop.__name__}"))
         self._tasks.append(asyncio.create_task(self._listener.run(), name="control listener"))
+        self.events.start()  # events (issue 5)
         log.info(
             "node started (worker %s, lease %.1fs)",
             self.worker.import_string,
@@ -112,6 +120,9 @@ class Node:
         with contextlib.suppress(Exception):
             await self._renew_lease()  # tell the fleet at once that this node drains
         await self._wait_sessions(self.settings.drain_timeout)
+        if self.sessions:
+            with contextlib.suppress(*REDIS_ERRORS):
+                self._handoff_targets = await self.failover.hand_off_targets()
         for session in list(self.sessions.values()):
             session.request_close(CloseReason.HANDOFF)
         await self._wait_sessions(self.settings.close_grace + 1.0)
@@ -138,6 +149,7 @@ class Node:
             *(s.task for s in self.sessions.values() if s.task),
             return_exceptions=True,
         )
+        await self.events.stop()  # events (issue 5): ends open event streams
         with contextlib.suppress(*REDIS_ERRORS):
             await self.registry.remove_node(self.node_id)
         if self._owns_redis:
@@ -162,7 +174,12 @@ class Node:
 
     # -- sessions -----------------------------------------------------------------------
     async def start_session(
-        self, call_id: str, call_type: str, params: dict[str, Any], principal: str = ""
+        self,
+        call_id: str,
+        call_type: str,
+        params: dict[str, Any],
+        principal: str = "",
+        resumable: bool = True,
     ) -> SessionRecord:
         """Admit, record and start a session here; returns once it runs."""
         began = time.perf_counter()
@@ -186,6 +203,7 @@ class Node:
             params=params,
             principal=principal,
             started_at=time.time(),
+            resumable=resumable and self.worker.resumable,
         )
         self._pending.add(ref)
         try:
@@ -211,6 +229,15 @@ class Node:
         metrics.SESSION_START_SECONDS.observe(time.perf_counter() - began)
         log.info("session started", extra=session.log_extra)
         return record
+
+    def adopt(self, session: LocalSession) -> None:
+        """Run a session that moved here from another node."""
+        self.sessions[session.ref] = session
+        self.count_state(State.STARTING, +1)
+        session.record.state = State.STARTING
+        session.start()
+        if session.record.close_reason:
+            session.request_close(CloseReason.CLOSED)
 
     async def close_session(
         self, call_id: str, session_id: str, wait: float | None = None
@@ -280,6 +307,8 @@ class Node:
             log.warning(
                 "session moved to another node; local copy stopped", extra=session.log_extra
             )
+        elif reason is EndReason.NODE_SHUTDOWN and await self._hand_off(session):
+            moved = True
         else:
             await self._write_end(record, reason, error)
         self.sessions.pop(session.ref, None)
@@ -295,6 +324,14 @@ class Node:
         if replies:
             self.spawn(self._publish_ended(session.ref, replies))
         log.info("session ended (%s)", reason.value, extra=session.log_extra)
+
+    async def _hand_off(self, session: LocalSession) -> bool:
+        if not (self.draining and session.record.resumable and self._handoff_targets):
+            return False
+        try:
+            return await self.failover.hand_off(session, self._handoff_targets)
+        except REDIS_ERRORS:
+            return False
 
     async def _write_end(self, record: SessionRecord, reason: EndReason, error: str) -> None:
         ref = make_ref(record.call_id, record.session_id)
@@ -340,6 +377,9 @@ class Node:
     def _on_message(self, message: Message) -> None:
         if message.op == "ended":
             self._wake_waiters(message.ref)
+            return
+        if message.op == "resume":
+            self.spawn(self.failover.resume(message.ref))
             return
         if message.op != "close":
             return
@@ -455,7 +495,7 @@ class Node:
         if not self.lease_held:
             return
         await self._check_own_sessions()
-        await self._reap_dead_nodes()
+        await self.failover.reap_dead_nodes()
         metrics.NODES_LIVE.set(await self.registry.redis.zcard(self.registry.keys.nodes()))
 
     async def _check_own_sessions(self) -> None:
@@ -494,9 +534,9 @@ class Node:
             session.lose("moved")
             return
         if not has_slot:
-            await self.registry.reassert_slot(
-                self.node_id, record.call_id, record.session_id, record.started_at
-            )
+            # Only a reaper takes a slot away: the session is being moved (or ended).
+            session.lose("moved")
+            return
         if close_reason and not session.closing:
             try:
                 session.request_close(CloseReason(close_reason))
@@ -514,17 +554,13 @@ class Node:
         )
 
     async def _release_strays(self, slots: set[str]) -> None:
-        """Free slots this node holds for sessions it does not run, once they have been
-        seen twice (a start in flight holds a slot before its session exists)."""
+        """Slots this node holds for sessions it does not run, once seen twice (a start in
+        flight holds a slot before its session exists): resume or release them."""
         strays = slots - set(self.sessions) - self._pending
         confirmed = strays & self._strays
         self._strays = strays - confirmed
-        for ref in confirmed:
-            call_id, session_id = split_ref(ref)
-            if await self.registry.release(self.node_id, call_id, session_id, listed=True):
-                log.warning(
-                    "released a stray admission slot %s", ref, extra={"node_id": self.node_id}
-                )
+        if confirmed:
+            await self.failover.adopt_or_release(sorted(confirmed))
 
     async def _write_unwritten_ends(self) -> None:
         for ref, (record, reason, error) in list(self._unwritten_ends.items()):
@@ -532,36 +568,6 @@ class Node:
             self._unwritten_ends.pop(ref, None)
             if result is EndResult.ENDED:
                 metrics.SESSIONS_ENDED.labels(reason.value).inc()
-
-    async def _reap_dead_nodes(self) -> None:
-        for dead in await self.registry.expired_nodes():
-            if dead == self.node_id:
-                continue
-            for ref in await self.registry.node_slots(dead):
-                await self._reap_session(dead, ref)
-            if await self.registry.forget_node(dead):
-                log.warning(
-                    "node %s is gone: removed from the registry",
-                    dead,
-                    extra={"node_id": self.node_id},
-                )
-
-    async def _reap_session(self, dead: str, ref: str) -> None:
-        result = await self.registry.reap(dead, ref)
-        if result is not ReapResult.RELEASED:
-            return
-        call_id, session_id = split_ref(ref)
-        record = await self.registry.get(call_id, session_id)
-        if record is not None and record.node_id == dead:
-            await self.registry.end(
-                record, EndReason.NODE_LOST.value, owner=dead, any_epoch=True, release_from=""
-            )
-        metrics.FAILOVERS.labels("lost").inc()
-        log.warning(
-            "session lost with node %s",
-            dead,
-            extra={"node_id": self.node_id, "session_id": session_id, "call_id": call_id},
-        )
 
     # -- session limits -----------------------------------------------------------------
     async def _tick_loop(self) -> None:

@@ -17,7 +17,14 @@ from redis.asyncio import Redis
 from fleet.errors import AdmissionRejected, NotAccepting
 from fleet.keys import Keys, make_ref, split_ref
 from fleet.models import NodeInfo, SessionRecord, State
-from fleet.scripts import AdmitResult, EndResult, HeartbeatStatus, ReapResult, Scripts
+from fleet.scripts import (
+    AdmitResult,
+    EndResult,
+    HandoffResult,
+    HeartbeatStatus,
+    ReapResult,
+    Scripts,
+)
 from fleet.settings import Settings
 
 _ADMIT_DETAIL = {
@@ -202,20 +209,43 @@ class Registry:
             )
         )
 
-    async def latest_checkpoint(self, call_id: str, session_id: str) -> str | None:
-        value = await self.redis.lindex(self.keys.checkpoint(call_id, session_id), 0)
-        return str(value) if value is not None else None
+    async def emit(self, record: SessionRecord, type: str, data_json: str) -> str | int:
+        """Append an event to the session's stream, fenced like a checkpoint. Returns the
+        entry id, or ``FENCED`` / ``MISSING``."""
+        c, sid = record.call_id, record.session_id
+        result = await self.scripts(
+            "emit",
+            [self.keys.session(c, sid), self.keys.events(c, sid)],
+            [record.node_id, record.epoch, self._settings.events_maxlen, type, data_json],
+        )
+        return result if isinstance(result, int) else str(result)
 
-    async def emit(self, record: SessionRecord, type: str, data_json: str) -> str:
-        """Append an event to the session's stream (bounded, approximately)."""
-        return str(
-            await self.redis.xadd(
-                self.keys.events(record.call_id, record.session_id),
-                {"type": type, "data": data_json},
-                maxlen=self._settings.events_maxlen,
-                approximate=True,
+    async def checkpoints(self, call_id: str, session_id: str) -> list[str]:
+        """The kept checkpoint envelopes (JSON text), newest first."""
+        key = self.keys.checkpoint(call_id, session_id)
+        return cast(list[str], await self.redis.lrange(key, 0, -1))
+
+    async def claim(self, ref: str, previous: str, new_owner: str, message: str) -> int:
+        """Give a session whose slot moved to ``new_owner``: epoch + 1, and a message to the
+        new owner. Returns the new epoch, or ``FENCED``."""
+        return int(
+            await self.scripts(
+                "claim",
+                [self.keys.session(*split_ref(ref))],
+                [previous, new_owner, self.keys.node_channel_prefix(), message],
             )
         )
+
+    async def handoff(
+        self, node_id: str, ref: str, target: str, capacity: int | None
+    ) -> HandoffResult:
+        k = self.keys
+        result = await self.scripts(
+            "handoff",
+            [k.nodes(), k.node_sessions(node_id), k.node_sessions(target)],
+            [ref, target, _limit(capacity)],
+        )
+        return HandoffResult(result)
 
     async def read_events(
         self, call_id: str, session_id: str, after: str, block_ms: int | None, count: int = 100

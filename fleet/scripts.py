@@ -46,6 +46,18 @@ class ReapResult(enum.StrEnum):
     RELEASED = "released"
 
 
+class HandoffResult(enum.StrEnum):
+    """What ``handoff.lua`` answers."""
+
+    MOVED = "moved"
+    NO_ROOM = "no_room"
+    GONE = "gone"
+
+
+FENCED = -1  # checkpoint.lua, emit.lua and claim.lua: this owner is fenced out
+MISSING = -2  # checkpoint.lua and emit.lua: no record (Redis lost it)
+
+
 class HeartbeatStatus(enum.StrEnum):
     OK = "ok"
     EXPIRED = "expired"
@@ -83,6 +95,9 @@ class Scripts:
         "forget_node",
         "reassert",
         "checkpoint",
+        "emit",
+        "claim",
+        "handoff",
     )
 
     def __init__(self, redis: Redis) -> None:

@@ -15,6 +15,7 @@ from fleet import metrics
 from fleet.errors import CheckpointTooLarge, LeaseLost
 from fleet.keys import make_ref
 from fleet.models import CloseReason, EndReason, SessionRecord, State
+from fleet.scripts import FENCED, MISSING
 from fleet.worker import SessionContext, Worker
 
 if TYPE_CHECKING:
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleet.session")
 T = TypeVar("T")
-MISSING_RECORD = -2
 
 _END_REASON_FOR_CLOSE = {
     CloseReason.CLOSED: EndReason.CLOSED,
@@ -97,8 +97,39 @@ class LocalSession:
     async def emit(self, type: str, data: Any) -> None:
         self.touch()
         payload = to_json(data)
-        await self._through_outages(lambda: self.node.registry.emit(self.record, type, payload))
+        await self._fenced(lambda: self.node.registry.emit(self.record, type, payload))
         metrics.EVENTS_EMITTED.inc()
+
+    async def checkpoint(self, state: Any) -> None:
+        payload = to_json(state)
+        size = len(payload.encode())
+        limit = self.node.settings.max_checkpoint_bytes
+        if size > limit:
+            metrics.CHECKPOINTS.labels("too_large").inc()
+            raise CheckpointTooLarge(f"checkpoint of {size} bytes is over the {limit}-byte limit")
+        history = self.node.settings.checkpoint_history
+        try:
+            version = await self._fenced(
+                lambda: self.node.registry.checkpoint(self.record, payload, history)
+            )
+        except LeaseLost:
+            metrics.CHECKPOINTS.labels("stale").inc()
+            raise
+        metrics.CHECKPOINTS.labels("ok").inc()
+        metrics.CHECKPOINT_BYTES.observe(size)
+        self.record.checkpoint_version = int(version)
+
+    async def _fenced(self, write: Callable[[], Awaitable[T]]) -> T:
+        """A write fenced by owner and epoch: refused means another node owns the session
+        now, so this copy stops. A record Redis lost is written back first."""
+        result = await self._through_outages(write)
+        if result == MISSING:
+            await self._through_outages(lambda: self.node.restore(self))
+            result = await self._through_outages(write)
+        if result in (FENCED, MISSING):
+            self.lose("moved")
+            raise LeaseLost(f"session {self.ref} is no longer owned by this node at this epoch")
+        return result
 
     async def _through_outages(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retry while Redis does not answer. The worker waits rather than fails: if the
@@ -110,30 +141,6 @@ class LocalSession:
             except (RedisError, OSError):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-
-    async def checkpoint(self, state: Any) -> None:
-        payload = to_json(state)
-        size = len(payload.encode())
-        limit = self.node.settings.max_checkpoint_bytes
-        if size > limit:
-            metrics.CHECKPOINTS.labels("too_large").inc()
-            raise CheckpointTooLarge(f"checkpoint of {size} bytes is over the {limit}-byte limit")
-        history = self.node.settings.checkpoint_history
-        version = await self._through_outages(
-            lambda: self.node.registry.checkpoint(self.record, payload, history)
-        )
-        if version == MISSING_RECORD:
-            await self._through_outages(lambda: self.node.restore(self))
-            version = await self._through_outages(
-                lambda: self.node.registry.checkpoint(self.record, payload, history)
-            )
-        if version < 0:
-            metrics.CHECKPOINTS.labels("stale").inc()
-            self.lose("moved")
-            raise LeaseLost(f"session {self.ref} is no longer owned by this node at this epoch")
-        metrics.CHECKPOINTS.labels("ok").inc()
-        metrics.CHECKPOINT_BYTES.observe(size)
-        self.record.checkpoint_version = version
 
     # -- control ------------------------------------------------------------------------
     @property
@@ -169,7 +176,13 @@ class LocalSession:
         if not self.closing:
             self.ctx.close_reason = CloseReason.HANDOFF.value
             self.ctx.closing.set()
-        self._cancel()
+        if asyncio.current_task() is not self.task:
+            self._cancel()
+        elif self._cancel_timer is None:
+            # From a write inside the worker: the LeaseLost it gets should end it; if the
+            # worker swallows that, it is cancelled after the grace like any close.
+            grace = self.node.settings.close_grace
+            self._cancel_timer = asyncio.get_running_loop().call_later(grace, self._cancel)
 
     def _cancel(self) -> None:
         if self.task is not None and not self.task.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import cast
@@ -13,6 +14,7 @@ from fleet.keys import make_ref
 from fleet.models import SessionRecord
 from fleet.node import Node
 from fleet.registry import Registry
+from fleet.settings import Settings
 from tests.conftest import SettingsFactory, running_node, wait_ready
 
 
@@ -102,26 +104,61 @@ async def test_redis_data_loss_is_reasserted(make_settings: SettingsFactory, red
         assert await redis.zcard(node.registry.keys.live()) == 1
 
 
-async def test_a_dead_nodes_sessions_end_as_node_lost(
-    make_settings: SettingsFactory, redis: Redis
-) -> None:
-    settings = make_settings(node_ttl=1.0, maintenance_interval=0.2)
+async def _ghost(settings: Settings, redis: Redis, sids: list[str], resumable: bool) -> None:
+    """A node that registered, took sessions, checkpointed, and died."""
     ghost = Registry(redis, settings)
     await ghost.load()
     await ghost.heartbeat("ghost", {"host": "gone"})
-    sids = [f"s{i}" for i in range(3)]
-    for sid in sids:
+    for i, sid in enumerate(sids):
         await ghost.admit("ghost", "c", sid)
-        await ghost.create(
-            SessionRecord(session_id=sid, call_id="c", call_type="default", node_id="ghost",
-                          started_at=time.time())
+        record = SessionRecord(
+            session_id=sid, call_id="c", call_type="default", node_id="ghost",
+            started_at=time.time(), resumable=resumable, state="running",
+            params={"interval": 3600},
         )  # fmt: skip
+        await ghost.create(record)
+        assert await ghost.checkpoint(record, json.dumps({"n": 10 + i}), 1) == 1
+
+
+async def test_a_dead_nodes_unresumable_sessions_end_as_node_lost(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    settings = make_settings(node_ttl=1.0, maintenance_interval=0.2)
+    sids = [f"s{i}" for i in range(3)]
+    await _ghost(settings, redis, sids, resumable=False)
     async with running_node(settings, redis) as node:
         await wait_ready(node)
         for sid in sids:
             await eventually(lambda sid=sid: _is(node, "c", sid, "node_lost"), timeout=4)  # type: ignore[misc]
         await eventually(lambda: _only_node(node), timeout=2)
         assert await redis.hgetall(node.registry.keys.call_counts()) == {}
+
+
+async def test_a_dead_nodes_sessions_resume_from_their_checkpoint(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    settings = make_settings(node_ttl=1.0, maintenance_interval=0.2)
+    sids = [f"s{i}" for i in range(3)]
+    await _ghost(settings, redis, sids, resumable=True)
+    async with running_node(settings, redis) as node:
+        await wait_ready(node)
+        for i, sid in enumerate(sids):
+            ref = make_ref("c", sid)
+            await eventually(lambda ref=ref: _runs(node, ref), timeout=4)  # type: ignore[misc]
+            session = node.sessions[ref]
+            assert session.ctx.resumed and session.ctx.state == {"n": 10 + i}
+            rec = await node.registry.get("c", sid)
+            assert rec is not None and rec.node_id == node.node_id
+            assert (rec.epoch, rec.resumed_count, rec.state) == (2, 1, "running")
+            events = await node.registry.read_events("c", sid, "0-0", None)
+            assert [e[1] for e in events] == ["session_resumed"]
+        await eventually(lambda: _only_node(node), timeout=2)
+        assert await node.registry.node_slots(node.node_id) == {make_ref("c", s) for s in sids}
+
+
+async def _runs(node: Node, ref: str) -> bool:
+    session = node.sessions.get(ref)
+    return session is not None and session.record.state == "running"
 
 
 async def _only_node(node: Node) -> bool:

@@ -43,3 +43,18 @@ async def function_worker(ctx: SessionContext) -> None:
 
 
 not_a_worker = 42
+
+
+class Hoarder:
+    """Tries a checkpoint over the limit, sees the clear error, saves a small one."""
+
+    async def run(self, ctx: SessionContext) -> None:
+        from fleet.errors import CheckpointTooLarge
+
+        try:
+            await ctx.checkpoint({"blob": "x" * 5000})
+        except CheckpointTooLarge as exc:
+            assert "over the 1024-byte limit" in exc.detail
+            await ctx.checkpoint({"small": True})
+            return
+        raise AssertionError("the oversized checkpoint was accepted")

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fleet import __version__
 from fleet.api import errors
 from fleet.api.middleware import BodyLimit, HttpMetrics
-from fleet.api.routes import health, nodes, sessions
+from fleet.api.routes import events, health, nodes, sessions
 from fleet.node import Node
 from fleet.settings import Settings
 
@@ -37,6 +37,7 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
     app.state.node = running
     errors.install(app)
     app.include_router(sessions.router)
+    app.include_router(events.router)
     app.include_router(nodes.router)
     app.include_router(health.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

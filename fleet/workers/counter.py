@@ -29,7 +29,7 @@ class Counter:
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
         ):
             raise ValueError("params.limit must be a whole number >= 0")
-        unknown = set(params) - {"interval", "limit", "resumable"}
+        unknown = set(params) - {"interval", "limit"}
         if unknown:
             raise ValueError(f"unknown params for the counter: {', '.join(sorted(unknown))}")
 

@@ -256,3 +256,32 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
         "/ready",
         "/metrics",
     } <= set(spec["paths"])
+
+
+async def test_checkpoint_route_serves_latest_and_kept_versions(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    async with api_client(make_settings(checkpoint_history=2), redis) as client:
+        sid = (await start(client, **COUNTER_FAST))["session_id"]
+        await wait_state(client, "demo", sid, "ended")
+        latest = (await client.get(f"/calls/demo/sessions/{sid}/checkpoint")).json()
+        assert latest["version"] == 3 and latest["epoch"] == 1 and latest["state"] == {"n": 3}
+        assert latest["saved_at"] > 0
+        older = await client.get(f"/calls/demo/sessions/{sid}/checkpoint", params={"version": 2})
+        assert older.json()["state"] == {"n": 2}
+        gone = await client.get(f"/calls/demo/sessions/{sid}/checkpoint", params={"version": 1})
+        assert gone.status_code == 404 and gone.json()["code"] == "not_found"
+        fresh = (await start(client, params={"interval": 60}))["session_id"]
+        none_yet = await client.get(f"/calls/demo/sessions/{fresh}/checkpoint")
+        assert none_yet.status_code == 404
+        assert (await client.get("/calls/demo/sessions/nope/checkpoint")).status_code == 404
+
+
+async def test_oversized_checkpoint_is_refused_clearly(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    settings = make_settings(worker="tests.workers:Hoarder", max_checkpoint_bytes=1024)
+    async with api_client(settings, redis) as client:
+        sid = (await start(client))["session_id"]
+        ended = await wait_state(client, "demo", sid, "ended")
+        assert ended["end_reason"] == "completed" and ended["checkpoint_version"] == 1

@@ -166,11 +166,18 @@ class LocalFleet:
         return data
 
     def wait_session(
-        self, call: str, sid: str, *, timeout: float = 10, **expect: Any
+        self,
+        call: str,
+        sid: str,
+        *,
+        timeout: float = 10,
+        via: NodeProcess | None = None,
+        **expect: Any,
     ) -> dict[str, Any]:
+        """Poll the session (through ``via``, or round-robin) until it matches ``expect``."""
         deadline = time.monotonic() + timeout
         while True:
-            data = self.session(call, sid)
+            data = self.session(call, sid, via)
             if all(data.get(k) == v for k, v in expect.items()):
                 return data
             if time.monotonic() > deadline:

@@ -82,10 +82,10 @@ def test_fleet_wide_limit_holds_and_frees_on_close() -> None:
         assert fleet.request("POST", "/calls/x/sessions").status_code == 429
 
 
-def test_killed_node_sessions_end_as_node_lost() -> None:
+def test_killed_node_unresumable_sessions_end_as_node_lost() -> None:
     with LocalFleet(3, FLEET_NODE_TTL="2", FLEET_MAINTENANCE_INTERVAL="0.5") as fleet:
         victim = fleet.nodes[0]
-        lost = [fleet.start("c", node=victim)["session_id"] for _ in range(4)]
+        lost = [fleet.start("c", node=victim, resumable=False)["session_id"] for _ in range(4)]
         kept = fleet.start("c", node=fleet.nodes[1])["session_id"]
         victim.signal(signal.SIGKILL)
         victim.wait(5)

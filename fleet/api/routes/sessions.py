@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fleet.api.deps import CallId, NodeDep, SessionId
 from fleet.errors import SessionNotFound
 from fleet.keys import make_ref
-from fleet.models import CloseAccepted, SessionInfo, SessionList, SessionPage, State
+from fleet.models import Checkpoint, CloseAccepted, SessionInfo, SessionList, SessionPage, State
 from fleet.settings import ID_PATTERN
 
 router = APIRouter(tags=["sessions"])
@@ -27,6 +27,11 @@ class StartRequest(BaseModel):
 
     call_type: str = Field(default="default", pattern=ID_PATTERN)
     params: dict[str, Any] = Field(default_factory=dict)
+    resumable: bool = Field(
+        default=True,
+        description="false: if its node dies, end the session as node_lost instead of "
+        "resuming it elsewhere from its last checkpoint.",
+    )
 
 
 class SessionMetrics(BaseModel):
@@ -54,7 +59,9 @@ async def start_session(
     call_id: CallId, node: NodeDep, body: Annotated[StartRequest | None, Body()] = None
 ) -> SessionInfo:
     body = body or StartRequest()
-    record = await node.start_session(call_id, body.call_type, body.params)
+    record = await node.start_session(
+        call_id, body.call_type, body.params, resumable=body.resumable
+    )
     return record.info()
 
 
@@ -147,6 +154,27 @@ async def session_metrics(call_id: CallId, session_id: SessionId, node: NodeDep)
     )
 
 
+@router.get(
+    "/calls/{call_id}/sessions/{session_id}/checkpoint",
+    response_model=Checkpoint,
+    responses=ERRORS,
+)
+async def get_checkpoint(
+    call_id: CallId,
+    session_id: SessionId,
+    node: NodeDep,
+    version: Annotated[int | None, Query(ge=1, description="An older kept version.")] = None,
+) -> Checkpoint:
+    """The latest checkpoint, or one of the last ``FLEET_CHECKPOINT_HISTORY`` versions."""
+    await node.get_session(call_id, session_id)
+    for envelope in await node.registry.checkpoints(call_id, session_id):
+        checkpoint = Checkpoint.model_validate_json(envelope)
+        if version is None or checkpoint.version == version:
+            return checkpoint
+    which = "no checkpoint" if version is None else f"no checkpoint version {version}"
+    raise SessionNotFound(f"session {session_id} has {which} (kept: the latest only by default)")
+
+
 @router.get("/sessions", response_model=SessionPage, responses=ERRORS)
 async def list_sessions(
     node: NodeDep,
@@ -162,6 +190,3 @@ async def list_sessions(
         sessions=[r.info() for r in records],
         next_cursor=None if next_cursor is None else str(next_cursor),
     )
-
-
-__all__ = ["router", "SessionNotFound"]

@@ -1,0 +1,220 @@
+"""Live events of a session, from any node: Server-Sent Events and a WebSocket.
+
+Both read through the node's ``EventDispatcher`` (``fleet/events.py``): a client costs a
+small buffer, not a Redis connection. Both resume strictly after a given event id and end
+after ``session_ended``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, WebSocket
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from fleet.api.deps import CallId, NodeDep, SessionId
+from fleet.errors import SessionNotFound
+from fleet.events import EVENT_ID_PATTERN, REDIS_ERRORS, START, Listener, is_event_id
+from fleet.models import SessionRecord, State
+from fleet.node import Node
+
+log = logging.getLogger("fleet.api.events")
+router = APIRouter(tags=["events"])
+
+KEEPALIVE_SECONDS = 15.0  # a comment line this often keeps proxies from cutting idle streams
+KEEPALIVE = b": keep-alive\n\n"
+BURST = 64  # events written in one chunk or one go when they are already waiting
+
+# WebSocket close codes: 4000 + the HTTP status they stand for.
+WS_NOT_FOUND, WS_INVALID, WS_TRY_AGAIN = 4404, 4422, 1013
+
+EventIdQuery = Annotated[
+    str | None,
+    Query(
+        pattern=EVENT_ID_PATTERN,
+        description="Resume strictly after this event id (Last-Event-ID wins if both).",
+    ),
+]
+LastEventId = Annotated[
+    str | None,
+    Header(
+        alias="Last-Event-ID",
+        pattern=EVENT_ID_PATTERN,
+        description="Sent by EventSource on reconnect: resume strictly after this id.",
+    ),
+]
+
+
+class EventStream(Response):
+    """``text/event-stream`` of one session. It watches for the client's disconnect
+    itself, so a client that goes away frees its listener at once, not at the next
+    write (which may be a keep-alive 15 s later)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, node: Node, record: SessionRecord, after: str) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._node = node
+        self._record = record
+        self._after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        pump = asyncio.create_task(self._pump(send))
+        gone = asyncio.create_task(_disconnected(receive))
+        try:
+            await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pump.cancel()
+            gone.cancel()
+            await asyncio.gather(pump, gone, return_exceptions=True)
+        if gone.done() and not gone.cancelled():
+            return  # the client left
+        if not pump.cancelled() and (exc := pump.exception()) is not None:
+            if not isinstance(exc, OSError):  # OSError: the client left mid-write
+                log.error("event stream failed", exc_info=exc)
+            return
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _pump(self, send: Send) -> None:
+        record = self._record
+        with self._node.events.listen(
+            record.call_id,
+            record.session_id,
+            self._after,
+            replay_only=record.state == State.ENDED,
+        ) as listener:
+            while not listener.done:
+                event = await listener.next(KEEPALIVE_SECONDS)
+                if event is not None:
+                    body = b"".join(e.sse for e in [event, *listener.take_ready(BURST - 1)])
+                elif listener.done:
+                    break
+                else:
+                    body = KEEPALIVE
+                    await listener.check_session()
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.get(
+    "/calls/{call_id}/sessions/{session_id}/events",
+    response_class=EventStream,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "The session's events (id, event, data), then the end.",
+        },
+        404: {"description": "No such session (or its tombstone expired)."},
+        422: {"description": "A malformed id, Last-Event-ID or after."},
+    },
+)
+async def session_events(
+    call_id: CallId,
+    session_id: SessionId,
+    node: NodeDep,
+    after: EventIdQuery = None,
+    last_event_id: LastEventId = None,
+) -> EventStream:
+    """Server-Sent Events of a session, served by any node. Replays the stream from the
+    start (or strictly after ``Last-Event-ID`` / ``after``), then follows it live and ends
+    after ``session_ended``."""
+    record = await node.get_session(call_id, session_id)  # 404 before the stream starts
+    return EventStream(node, record, last_event_id or after or START)
+
+
+@router.websocket("/calls/{call_id}/sessions/{session_id}/ws")
+async def session_socket(
+    websocket: WebSocket, call_id: CallId, session_id: SessionId, after: str | None = None
+) -> None:
+    """The same events as JSON messages ``{"id", "event", "data"}``. The client may send
+    ``{"type": "close"}`` to ask for the session's close. Closes after ``session_ended``;
+    an unknown session closes with 4404, a malformed ``after`` with 4422."""
+    node: Node = websocket.app.state.node
+    await websocket.accept()
+    if after is not None and not is_event_id(after):
+        await websocket.close(WS_INVALID, "after must be an event id like 1700000000000-0")
+        return
+    try:
+        record = await node.get_session(call_id, session_id)
+    except SessionNotFound:
+        await websocket.close(WS_NOT_FOUND, "no such session")
+        return
+    except REDIS_ERRORS:
+        await websocket.close(WS_TRY_AGAIN, "Redis did not answer; retry shortly")
+        return
+    lock = asyncio.Lock()  # both tasks send
+    with node.events.listen(
+        call_id, session_id, after or START, replay_only=record.state == State.ENDED
+    ) as listener:
+        sender = asyncio.create_task(_send_events(websocket, listener, lock))
+        receiver = asyncio.create_task(_receive(websocket, node, call_id, session_id, lock))
+        try:
+            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sender.cancel()
+            receiver.cancel()
+            await asyncio.gather(sender, receiver, return_exceptions=True)
+    if sender in done and sender.exception() is None:  # the session ended, the client stays
+        with contextlib.suppress(Exception):
+            await websocket.close(1000, "session ended")
+
+
+async def _send_events(websocket: WebSocket, listener: Listener, lock: asyncio.Lock) -> None:
+    while not listener.done:
+        event = await listener.next(KEEPALIVE_SECONDS)
+        if event is None:
+            if not listener.done:
+                await listener.check_session()
+            continue
+        async with lock:
+            for item in [event, *listener.take_ready(BURST - 1)]:
+                await websocket.send_text(item.message)
+
+
+async def _receive(
+    websocket: WebSocket, node: Node, call_id: str, session_id: str, lock: asyncio.Lock
+) -> None:
+    """Client messages until the client leaves. Nothing a client sends can crash this:
+    anything but ``{"type": "close"}`` gets an error message back."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        reply = await _answer(node, call_id, session_id, message.get("text"))
+        async with lock:
+            await websocket.send_text(json.dumps(reply, separators=(",", ":")))
+
+
+async def _answer(node: Node, call_id: str, session_id: str, text: str | None) -> dict[str, Any]:
+    try:
+        payload = json.loads(text) if text is not None else None
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        return _error("invalid_message", 'messages are JSON objects, like {"type": "close"}')
+    if payload.get("type") != "close":
+        return _error("unknown_message", 'the only message a client may send is {"type": "close"}')
+    try:
+        await node.close_session(call_id, session_id)
+    except SessionNotFound:
+        return _error("not_found", "no such session")
+    except REDIS_ERRORS:
+        return _error("redis_unavailable", "Redis did not answer; retry shortly")
+    return {"type": "closing"}
+
+
+def _error(code: str, detail: str) -> dict[str, Any]:
+    return {"type": "error", "code": code, "detail": detail}

@@ -1,0 +1,203 @@
+"""Moving sessions between nodes: from dead nodes (reaping), from draining ones (hand-off),
+and starting them again on their new owner (resume).
+
+Each move is two atomic steps. First the admission slot moves to the new owner in the
+fleet-wide slot (``reap.lua`` or ``handoff.lua``): only one node can win that, so only one
+node ever moves a session. Then ``claim.lua`` bumps the epoch in the session's own slot, which
+fences every later write of the old owner, and tells the new owner to resume. If the mover
+dies between the two steps, the new owner finds the slot in its set during its maintenance
+pass and finishes the claim itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from fleet import metrics
+from fleet.control import Message
+from fleet.keys import split_ref
+from fleet.models import EndReason, NodeInfo, State
+from fleet.scripts import FENCED, HandoffResult, ReapResult
+from fleet.session import LocalSession
+
+if TYPE_CHECKING:
+    from fleet.node import Node
+
+log = logging.getLogger("fleet.failover")
+
+# Dead-node sessions are reaped this many at a time: fast, without flooding Redis.
+REAP_CONCURRENCY = 32
+
+
+class Targets:
+    """Live nodes that can take sessions, least loaded first, with their load kept up to
+    date as sessions are placed."""
+
+    def __init__(self, nodes: Iterable[NodeInfo], exclude: set[str]) -> None:
+        self._nodes = {n.node_id: n for n in nodes if n.node_id not in exclude and not n.draining}
+        self._load = {node_id: n.sessions for node_id, n in self._nodes.items()}
+
+    def take(self) -> tuple[str, int | None] | None:
+        """The least loaded node, counted as one session busier at once (moves run
+        concurrently); ``give_back`` if the move does not happen."""
+        if not self._load:
+            return None
+        node_id = min(self._load, key=lambda n: (self._load[n], n))
+        self._load[node_id] += 1
+        return node_id, self._nodes[node_id].capacity
+
+    def give_back(self, node_id: str) -> None:
+        if node_id in self._load:
+            self._load[node_id] -= 1
+
+    def full(self, node_id: str) -> None:
+        self._load.pop(node_id, None)
+
+
+class Failover:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.registry = node.registry
+        self._resuming: set[str] = set()
+
+    def _extra(self, ref: str) -> dict[str, str]:
+        call_id, session_id = split_ref(ref)
+        return {"node_id": self.node.node_id, "session_id": session_id, "call_id": call_id}
+
+    # -- dead nodes ---------------------------------------------------------------------
+    async def reap_dead_nodes(self) -> None:
+        dead_nodes = [d for d in await self.registry.expired_nodes() if d != self.node.node_id]
+        if not dead_nodes:
+            return
+        targets = Targets(await self.registry.live_nodes(), exclude=set(dead_nodes))
+        gate = asyncio.Semaphore(REAP_CONCURRENCY)
+
+        async def one(dead: str, ref: str) -> None:
+            async with gate:
+                await self._reap_session(dead, ref, targets)
+
+        for dead in dead_nodes:
+            refs = sorted(await self.registry.node_slots(dead))
+            if refs:
+                log.warning(
+                    "node %s is gone: taking over %d sessions",
+                    dead,
+                    len(refs),
+                    extra={"node_id": self.node.node_id},
+                )
+            await asyncio.gather(*(one(dead, ref) for ref in refs))
+            if await self.registry.forget_node(dead):
+                log.warning(
+                    "node %s removed from the registry", dead, extra={"node_id": self.node.node_id}
+                )
+
+    async def _reap_session(self, dead: str, ref: str, targets: Targets) -> None:
+        record = await self.registry.get(*split_ref(ref))
+        movable = record is not None and record.resumable and not record.close_reason
+        while movable and (choice := targets.take()) is not None:
+            target, capacity = choice
+            result = await self.registry.reap(dead, ref, target, capacity)
+            if result is ReapResult.NO_ROOM:
+                targets.full(target)
+                continue
+            if result is ReapResult.MOVED and await self._claim(ref, dead, target):
+                metrics.FAILOVERS.labels("resumed").inc()
+                log.info("session moved from dead %s to %s", dead, target, extra=self._extra(ref))
+            else:
+                targets.give_back(target)
+            return  # moved, or ALIVE / GONE: nothing more to do here
+        result = await self.registry.reap(dead, ref)
+        if result is not ReapResult.RELEASED:
+            return
+        if record is not None and record.node_id == dead:
+            # A close was asked for and the owner died first: the session is closed.
+            reason = EndReason.CLOSED if record.close_reason else EndReason.NODE_LOST
+            await self.registry.end(
+                record, reason.value, owner=dead, any_epoch=True, release_from=""
+            )
+        metrics.FAILOVERS.labels("lost").inc()
+        log.warning("session lost with node %s", dead, extra=self._extra(ref))
+
+    async def _claim(self, ref: str, previous: str, target: str) -> bool:
+        """The second step of a move. When the record no longer belongs to ``previous``
+        (it ended meanwhile) the slot that moved is given back."""
+        message = Message("resume", ref).encode()
+        epoch = await self.registry.claim(ref, previous, target, message)
+        if epoch == FENCED:
+            call_id, session_id = split_ref(ref)
+            await self.registry.release(target, call_id, session_id, listed=True)
+            return False
+        return True
+
+    # -- draining -----------------------------------------------------------------------
+    async def hand_off_targets(self) -> Targets:
+        return Targets(await self.registry.live_nodes(), exclude={self.node.node_id})
+
+    async def hand_off(self, session: LocalSession, targets: Targets) -> bool:
+        """Give a stopped session of this draining node to the least loaded node with room.
+        Returns False when no node could take it."""
+        while (choice := targets.take()) is not None:
+            target, capacity = choice
+            result = await self.registry.handoff(self.node.node_id, session.ref, target, capacity)
+            if result is HandoffResult.NO_ROOM:
+                targets.full(target)
+                continue
+            if result is HandoffResult.MOVED and await self._claim(
+                session.ref, self.node.node_id, target
+            ):
+                log.info("session handed off to %s", target, extra=session.log_extra)
+                return True
+            targets.give_back(target)
+            return False
+        return False
+
+    # -- resume -------------------------------------------------------------------------
+    async def resume(self, ref: str) -> None:
+        """Start, on this node, a session that was claimed for it."""
+        node = self.node
+        if ref in node.sessions or ref in self._resuming:
+            return
+        self._resuming.add(ref)
+        try:
+            record = await self.registry.get(*split_ref(ref))
+            if record is None or record.node_id != node.node_id or record.state == State.ENDED:
+                return
+            envelopes = await self.registry.checkpoints(record.call_id, record.session_id)
+            state: Any = json.loads(envelopes[0])["state"] if envelopes else None
+            session = LocalSession(node, record, node.worker.create(), state=state, resumed=True)
+            node.adopt(session)
+            log.info(
+                "session resumed (epoch %d, checkpoint %d)",
+                record.epoch,
+                record.checkpoint_version,
+                extra=session.log_extra,
+            )
+        finally:
+            self._resuming.discard(ref)
+
+    async def adopt_or_release(self, refs: Iterable[str]) -> None:
+        """Slots this node holds for sessions it does not run: resume those that were
+        claimed for it (the claim's message was lost, or the mover died before claiming),
+        release the rest."""
+        node = self.node
+        for ref in refs:
+            record = await self.registry.get(*split_ref(ref))
+            if record is not None and record.state != State.ENDED:
+                if record.node_id == node.node_id:
+                    await self.resume(ref)
+                    continue
+                if record.node_id not in await self._live_ids():
+                    # The mover died between moving the slot and claiming: finish it.
+                    if await self._claim(ref, record.node_id, node.node_id):
+                        await self.resume(ref)
+                    continue
+            call_id, session_id = split_ref(ref)
+            if await self.registry.release(node.node_id, call_id, session_id, listed=True):
+                log.warning("released a stray admission slot", extra=self._extra(ref))
+
+    async def _live_ids(self) -> set[str]:
+        return {n.node_id for n in await self.registry.live_nodes()}
