@@ -7,6 +7,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from fleet import gunicorn_conf
 from fleet.settings import Settings, default_node_id
 
 
@@ -21,7 +22,8 @@ class FleetGunicorn(BaseApplication):  # type: ignore[misc]
             "bind": f"{s.host}:{s.port}",
             "workers": s.workers,
             "worker_class": "fleet.gunicorn_worker.FleetWorker",
-            "config": "python:fleet.gunicorn_conf",
+            "on_starting": gunicorn_conf.on_starting,
+            "child_exit": gunicorn_conf.child_exit,
             # The drain runs inside each worker: gunicorn must wait for it, and then some.
             "graceful_timeout": int(s.drain_timeout + s.close_grace) + 10,
             "timeout": max(30, int(s.node_ttl * 3)),

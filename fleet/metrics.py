@@ -7,6 +7,10 @@ figures add up across the pod's processes; fleet-wide figures take the max.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
@@ -96,3 +100,13 @@ def init_labels() -> None:
         CHECKPOINTS.labels(result)
     for result in ("resumed", "lost"):
         FAILOVERS.labels(result)
+
+
+@contextmanager
+def redis_timer(operation: str) -> Iterator[None]:
+    """Time one Redis operation (a script by name, or a named read): a bounded label set."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        REDIS_COMMAND_SECONDS.labels(operation).observe(time.perf_counter() - began)

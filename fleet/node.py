@@ -168,6 +168,10 @@ class Node:
             return False, "control_channel_down"
         return True, "ok"
 
+    def refresh_gauges(self) -> None:
+        """Bring the readiness gauges up to date (before a scrape)."""
+        self._set_ready_gauge()
+
     def _set_ready_gauge(self) -> None:
         metrics.NODE_READY.set(1 if self.readiness()[0] else 0)
         metrics.REDIS_UP.set(1 if self.redis_ok else 0)
@@ -397,6 +401,7 @@ class Node:
         session.request_close(reason)
 
     async def _on_subscribed(self) -> None:
+        self._set_ready_gauge()
         self._maintain_now.set()
 
     # -- lease --------------------------------------------------------------------------

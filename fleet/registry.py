@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from fleet.errors import AdmissionRejected, NotAccepting
 from fleet.keys import Keys, make_ref, split_ref
+from fleet.metrics import redis_timer
 from fleet.models import NodeInfo, SessionRecord, State
 from fleet.scripts import (
     AdmitResult,
@@ -260,8 +261,9 @@ class Registry:
         return out
 
     async def get(self, call_id: str, session_id: str) -> SessionRecord | None:
-        raw = cast(dict[str, str], await self.redis.hgetall(self.keys.session(call_id, session_id)))
-        return SessionRecord.from_hash(raw) if raw else None
+        with redis_timer("get_session"):
+            raw = await self.redis.hgetall(self.keys.session(call_id, session_id))
+        return SessionRecord.from_hash(cast(dict[str, str], raw)) if raw else None
 
     async def _records(self, keys: Iterable[str]) -> list[dict[str, str] | None]:
         pipe = self.redis.pipeline(transaction=False)
@@ -276,7 +278,8 @@ class Registry:
         pipe = self.redis.pipeline(transaction=False)
         pipe.zrange(k.call_live(call_id), 0, -1)
         pipe.zrevrange(k.call_ended(call_id), 0, -1)
-        live, ended = await pipe.execute()
+        with redis_timer("list_call"):
+            live, ended = await pipe.execute()
         ids: list[str] = [*live, *ended]
         raws = await self._records(k.session(call_id, sid) for sid in ids)
         gone = [sid for sid, raw in zip(ids, raws, strict=True) if raw is None]
@@ -345,7 +348,8 @@ class Registry:
         pipe.smembers(self.keys.node_sessions(node_id))
         for ref in refs:
             pipe.hmget(self.keys.session(*split_ref(ref)), list(WATCH_FIELDS))
-        slots, *rows = await pipe.execute()
+        with redis_timer("snapshot"):
+            slots, *rows = await pipe.execute()
         watched = [
             Watched(
                 exists=owner is not None,

@@ -16,6 +16,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from fleet.metrics import redis_timer
+
 
 class AdmitResult(enum.StrEnum):
     """What ``admit.lua`` answers: ``ok``, or the name of the limit that refused."""
@@ -110,11 +112,12 @@ class Scripts:
 
     async def __call__(self, name: str, keys: list[str], args: list[Any]) -> Any:
         script = self._scripts[name]
-        try:
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self._redis.script_load(script.source)
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        with redis_timer(name):
+            try:
+                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await self._redis.script_load(script.source)
+                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
 
     def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
         """Add a call to a pipeline (scripts must be loaded: see ``run_pipeline``)."""
@@ -135,7 +138,8 @@ class Scripts:
         offset = len(pipe)
         for name, keys, args in calls:
             self.queue(pipe, name, keys, args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+        with redis_timer("+".join(name for name, _, _ in calls)):
+            results: list[Any] = await pipe.execute(raise_on_error=False)
         for i, result in enumerate(results):
             if isinstance(result, NoScriptError) and i >= offset:
                 results[i] = await self(*calls[i - offset])

@@ -30,7 +30,8 @@ async def ready(node: NodeDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response)
-async def prometheus_metrics() -> Response:
+async def prometheus_metrics(node: NodeDep) -> Response:
+    node.refresh_gauges()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
