@@ -10,6 +10,7 @@ import logging
 import re
 import sys
 import time
+from typing import TextIO
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -55,9 +56,9 @@ class _Formatter(logging.Formatter):
         return text
 
 
-def configure(level: str = "info", fmt: str = "text") -> None:
-    """Send fleet's and uvicorn's logs to stderr in one format."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Send fleet's and uvicorn's logs to stderr (or ``stream``) in one format."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_Formatter(as_json=fmt == "json"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
