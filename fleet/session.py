@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from redis.exceptions import RedisError
 
 from fleet import metrics
-from fleet.errors import CheckpointTooLarge, LeaseLost
+from fleet.errors import CheckpointTooLarge, EventTooLarge, LeaseLost
 from fleet.keys import make_ref
 from fleet.models import CloseReason, EndReason, SessionRecord, State
 from fleet.scripts import FENCED, MISSING
@@ -97,6 +97,9 @@ class LocalSession:
     async def emit(self, type: str, data: Any) -> None:
         self.touch()
         payload = to_json(data)
+        limit = self.node.settings.max_event_bytes
+        if len(payload.encode()) > limit:
+            raise EventTooLarge(f"event {type!r} is over the {limit}-byte limit")
         await self._fenced(lambda: self.node.registry.emit(self.record, type, payload))
         metrics.EVENTS_EMITTED.inc()
 
@@ -152,6 +155,7 @@ class LocalSession:
         if self.closing or self.done.is_set():
             return
         self.close_requested_at = time.monotonic()
+        log.info("closing (%s)", reason.value, extra=self.log_extra)
         self.ctx.close_reason = reason.value
         self.ctx.closing.set()
         if self.record.state != State.ENDED:
