@@ -22,6 +22,8 @@ class FleetGunicorn(BaseApplication):  # type: ignore[misc]
             "bind": f"{s.host}:{s.port}",
             "workers": s.workers,
             "worker_class": "fleet.gunicorn_worker.FleetWorker",
+            # No control socket: it would live under $HOME, which a locked-down image lacks.
+            "control_socket_disable": True,
             "on_starting": gunicorn_conf.on_starting,
             "child_exit": gunicorn_conf.child_exit,
             # The drain runs inside each worker: gunicorn must wait for it, and then some.
