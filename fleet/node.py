@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 import time
-import uuid
 from collections.abc import Coroutine
 from typing import Any
 
@@ -197,7 +197,7 @@ class Node:
         except (ValueError, TypeError) as exc:
             raise InvalidParams(str(exc)) from None
         worker = self.worker.create()
-        session_id = uuid.uuid4().hex
+        session_id = secrets.token_hex(16)
         ref = make_ref(call_id, session_id)
         record = SessionRecord(
             session_id=session_id,
@@ -217,19 +217,23 @@ class Node:
                 metrics.ADMISSION_REJECTED.labels(exc.code).inc()
                 raise
             try:
-                await self.registry.create(record)
+                state = await self.registry.create_running(
+                    record, {"node_id": self.node_id, "epoch": record.epoch}
+                )
             except BaseException:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self.registry.release(self.node_id, call_id, session_id, listed=False)
                 raise
-            session = LocalSession(self, record, worker)
+            if state != State.RUNNING:  # a brand-new record cannot be fenced: Redis lost it
+                raise NotAccepting("not_ready", "the session record could not be written")
+            record.state = State.RUNNING
+            session = LocalSession(self, record, worker, running=True)
             self.sessions[ref] = session
-            self.count_state(State.STARTING, +1)
+            self.count_state(State.RUNNING, +1)
         finally:
             self._pending.discard(ref)
         session.start()
         metrics.SESSIONS_STARTED.inc()
-        await asyncio.shield(session.running)
         metrics.SESSION_START_SECONDS.observe(time.perf_counter() - began)
         log.info("session started", extra=session.log_extra)
         return record

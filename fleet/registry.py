@@ -117,39 +117,45 @@ class Registry:
         )
 
     # -- session records ----------------------------------------------------------------
-    async def create(self, record: SessionRecord) -> bool:
-        """Write a new record, or write back one Redis lost. Never overwrites."""
+    def _create_call(self, record: SessionRecord) -> tuple[str, list[str], list[Any]]:
         k = self.keys
         fields = [x for pair in record.to_hash().items() for x in pair]
-        return bool(
-            await self.scripts(
-                "create_session",
-                [
-                    k.session(record.call_id, record.session_id),
-                    k.call_live(record.call_id),
-                    k.call_ended(record.call_id),
-                ],
-                [int(record.started_at * 1000), record.session_id, *fields],
-            )
+        return (
+            "create_session",
+            [
+                k.session(record.call_id, record.session_id),
+                k.call_live(record.call_id),
+                k.call_ended(record.call_id),
+            ],
+            [int(record.started_at * 1000), record.session_id, *fields],
         )
+
+    def _mark_running_call(
+        self, record: SessionRecord, event: str, data: Any
+    ) -> tuple[str, list[str], list[Any]]:
+        c, sid = record.call_id, record.session_id
+        return (
+            "mark_running",
+            [self.keys.session(c, sid), self.keys.events(c, sid)],
+            [record.node_id, record.epoch, self._settings.events_maxlen, event, _json(data)],
+        )
+
+    async def create(self, record: SessionRecord) -> bool:
+        """Write a new record, or write back one Redis lost. Never overwrites."""
+        return bool(await self.scripts(*self._create_call(record)))
+
+    async def create_running(self, record: SessionRecord, data: Any) -> str:
+        """Write a new session's record and mark it running with ``session_started``, in one
+        round trip. Returns the state (``running``), or ``lease_lost``."""
+        results = await self.scripts.run_pipeline(
+            [self._create_call(record), self._mark_running_call(record, "session_started", data)]
+        )
+        return str(results[1])
 
     async def mark_running(self, record: SessionRecord, event: str, data: Any) -> str:
         """starting -> running for this owner and epoch, emitting the lifecycle ``event``
         (``session_started`` or ``session_resumed``). Returns the state, or ``lease_lost``."""
-        c, sid = record.call_id, record.session_id
-        return str(
-            await self.scripts(
-                "mark_running",
-                [self.keys.session(c, sid), self.keys.events(c, sid)],
-                [
-                    record.node_id,
-                    record.epoch,
-                    self._settings.events_maxlen,
-                    event,
-                    _json(data),
-                ],
-            )
-        )
+        return str(await self.scripts(*self._mark_running_call(record, event, data)))
 
     async def end(
         self,

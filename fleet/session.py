@@ -51,7 +51,10 @@ class LocalSession:
         *,
         state: Any = None,
         resumed: bool = False,
+        running: bool = False,
     ) -> None:
+        """``running``: the record was already marked running (a new session's record is
+        written running, with ``session_started``, in the same round trip)."""
         self.node = node
         self.record = record
         self.ref = make_ref(record.call_id, record.session_id)
@@ -67,6 +70,8 @@ class LocalSession:
             hooks=self,
         )
         self.running: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if running:
+            self.running.set_result(State.RUNNING)
         self.done = asyncio.Event()
         self.final: SessionRecord | None = None
         self.last_activity = time.monotonic()
@@ -215,19 +220,8 @@ class LocalSession:
 
     async def _run_worker(self) -> tuple[EndReason, str]:
         try:
-            event = "session_resumed" if self.ctx.resumed else "session_started"
-            state = await self.node.registry.mark_running(
-                self.record, event, {"node_id": self.node.node_id, "epoch": self.record.epoch}
-            )
-            if state == "lease_lost":
-                self._moved = True
-                raise LeaseLost("this node lost the session before its worker started")
-            if self.record.state == State.STARTING:
-                self.node.count_state(State.STARTING, -1)
-                self.record.state = State.RUNNING
-                self.node.count_state(State.RUNNING, +1)
             if not self.running.done():
-                self.running.set_result(state)
+                await self._mark_running()
             await self.worker.run(self.ctx)
         except asyncio.CancelledError:
             if self._lost is None and not self.closing:
@@ -248,6 +242,20 @@ class LocalSession:
         if self.closing:
             return self._end_reason_for_close(), ""
         return EndReason.COMPLETED, ""
+
+    async def _mark_running(self) -> None:
+        event = "session_resumed" if self.ctx.resumed else "session_started"
+        state = await self.node.registry.mark_running(
+            self.record, event, {"node_id": self.node.node_id, "epoch": self.record.epoch}
+        )
+        if state == "lease_lost":
+            self._moved = True
+            raise LeaseLost("this node lost the session before its worker started")
+        if self.record.state == State.STARTING:
+            self.node.count_state(State.STARTING, -1)
+            self.record.state = State.RUNNING
+            self.node.count_state(State.RUNNING, +1)
+        self.running.set_result(state)
 
     def _end_reason_for_close(self) -> EndReason:
         if self._lost is not None:

@@ -11,7 +11,7 @@ from fleet.node import Node
 from fleet.settings import ID_PATTERN
 
 
-def get_node(request: Request) -> Node:
+async def get_node(request: Request) -> Node:
     node: Node = request.app.state.node
     return node
 

@@ -90,19 +90,19 @@ def test_paused_node_finds_its_sessions_moved_and_rejoins() -> None:
 
 def test_sigterm_completes_short_sessions_and_hands_off_the_rest() -> None:
     with LocalFleet(3, FLEET_DRAIN_TIMEOUT="1.5", FLEET_MAINTENANCE_INTERVAL="60") as fleet:
-        leaving = fleet.nodes[0]
+        leaving, staying = fleet.nodes[0], fleet.nodes[1]
         short = fleet.start("c", node=leaving, params={"interval": 0.05, "limit": 10})
         longs = [fleet.start("c", node=leaving, **FAST)["session_id"] for _ in range(4)]
         pinned = fleet.start("c", node=leaving, resumable=False, **FAST)["session_id"]
         began = time.monotonic()
         leaving.signal(signal.SIGTERM)
-        fleet.wait_session("c", short["session_id"], timeout=3, end_reason="completed")
+        fleet.wait_session("c", short["session_id"], timeout=3, via=staying, end_reason="completed")
         for sid in longs:
-            info = fleet.wait_session("c", sid, timeout=5, state="running", epoch=2)
+            info = fleet.wait_session("c", sid, timeout=5, via=staying, state="running", epoch=2)
             assert info["node_id"] != leaving.name
         # Handed over right after the drain timeout, not after a lease timeout.
         assert time.monotonic() - began < 1.5 + 1.0 + 1.0
-        assert fleet.session("c", pinned)["end_reason"] == "node_shutdown"
+        assert fleet.session("c", pinned, staying)["end_reason"] == "node_shutdown"
         assert leaving.wait(10) == 0
         for sid in longs:
             events = ticks(fleet, "c", sid)
