@@ -57,5 +57,9 @@ class CheckpointTooLarge(FleetError):
     code = "checkpoint_too_large"
 
 
+class EventTooLarge(FleetError):
+    code = "event_too_large"
+
+
 class RedisUnavailable(FleetError):
     code = "redis_unavailable"

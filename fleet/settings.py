@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     checkpoint_history: Annotated[int, Field(ge=1, le=100)] = 1
     events_maxlen: Annotated[int, Field(ge=10)] = 1000
     max_body_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+    max_params_bytes: Annotated[int, Field(ge=2)] = 16 * 1024
+    max_params_depth: Annotated[int, Field(ge=1, le=100)] = 16
+    max_event_bytes: Annotated[int, Field(ge=64)] = 64 * 1024
+    cors_origins: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
@@ -107,6 +111,9 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.redis_url is None
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def principals(self) -> list[tuple[str, str]]:
         """(principal, token) pairs from ``FLEET_API_KEYS``."""

@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from fleet import __version__
 from fleet.api import errors
+from fleet.api.auth import TokenTable
 from fleet.api.middleware import BodyLimit, HttpMetrics
 from fleet.api.routes import events, health, nodes, sessions
 from fleet.node import Node
@@ -35,11 +37,20 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.node = running
+    app.state.tokens = TokenTable(settings.principals())
     errors.install(app)
     app.include_router(sessions.router)
     app.include_router(events.router)
     app.include_router(nodes.router)
     app.include_router(health.router)
+    if settings.cors_origin_list():
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list(),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(HttpMetrics)
     return app

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet import errors
+from fleet.api.auth import Forbidden, Unauthorized
 
 log = logging.getLogger("fleet.api")
 
@@ -23,6 +24,8 @@ STATUS: dict[type[errors.FleetError], int] = {
     errors.RedisUnavailable: 503,
     errors.InvalidParams: 422,
     errors.CheckpointTooLarge: 413,
+    Unauthorized: 401,
+    Forbidden: 403,
 }
 
 _HTTP_CODES = {
@@ -50,6 +53,8 @@ def install(app: FastAPI) -> None:
     async def fleet_error(request: Request, exc: errors.FleetError) -> JSONResponse:
         status = next((s for t, s in STATUS.items() if isinstance(exc, t)), 500)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
+        if status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
         return error_response(status, exc.detail, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -131,7 +131,8 @@ async def session_events(
     """Server-Sent Events of a session, served by any node. Replays the stream from the
     start (or strictly after ``Last-Event-ID`` / ``after``), then follows it live and ends
     after ``session_ended``."""
-    record = await node.get_session(call_id, session_id)  # 404 before the stream starts
+    async with node.events.read_slots:
+        record = await node.get_session(call_id, session_id)  # 404 before the stream starts
     return EventStream(node, record, last_event_id or after or START)
 
 
@@ -148,7 +149,8 @@ async def session_socket(
         await websocket.close(WS_INVALID, "after must be an event id like 1700000000000-0")
         return
     try:
-        record = await node.get_session(call_id, session_id)
+        async with node.events.read_slots:
+            record = await node.get_session(call_id, session_id)
     except SessionNotFound:
         await websocket.close(WS_NOT_FOUND, "no such session")
         return

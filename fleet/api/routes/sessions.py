@@ -1,4 +1,4 @@
-"""Sessions: start, read, list, close, and the worker's metrics."""
+"""Sessions: start, read, list, close, checkpoints, and the worker's metrics."""
 
 from __future__ import annotations
 
@@ -8,16 +8,28 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet.api.auth import CanClose, CanReadMetrics, CanStart, CanView, RecordCheck
 from fleet.api.deps import CallId, NodeDep, SessionId
+from fleet.api.limits import check_params
 from fleet.errors import SessionNotFound
 from fleet.keys import make_ref
-from fleet.models import Checkpoint, CloseAccepted, SessionInfo, SessionList, SessionPage, State
+from fleet.models import (
+    Checkpoint,
+    CloseAccepted,
+    SessionInfo,
+    SessionList,
+    SessionPage,
+    SessionRecord,
+    State,
+)
+from fleet.node import Node
 from fleet.settings import ID_PATTERN
 
 router = APIRouter(tags=["sessions"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "No such session (or its tombstone expired)."},
+    401: {"description": "A bearer token is needed, or the one given is not valid."},
+    404: {"description": "No such session (or its tombstone expired, or it is not yours)."},
     422: {"description": "A malformed id, body or parameter."},
 }
 
@@ -45,6 +57,17 @@ class SessionMetrics(BaseModel):
     duration_seconds: float
 
 
+async def _visible(
+    node: Node, call_id: str, session_id: str, allowed: RecordCheck
+) -> SessionRecord:
+    """The session if the caller may see it; 404 alike when it does not exist and when it is
+    someone else's."""
+    record = await node.registry.get(call_id, session_id)
+    if record is None or not allowed(record):
+        raise SessionNotFound(f"no session {session_id} in call {call_id}")
+    return record
+
+
 @router.post(
     "/calls/{call_id}/sessions",
     status_code=201,
@@ -56,24 +79,30 @@ class SessionMetrics(BaseModel):
     },
 )
 async def start_session(
-    call_id: CallId, node: NodeDep, body: Annotated[StartRequest | None, Body()] = None
+    call_id: CallId,
+    node: NodeDep,
+    principal: CanStart,
+    body: Annotated[StartRequest | None, Body()] = None,
 ) -> SessionInfo:
     body = body or StartRequest()
+    check_params(body.params, node.settings)
     record = await node.start_session(
-        call_id, body.call_type, body.params, resumable=body.resumable
+        call_id, body.call_type, body.params, principal=principal.name, resumable=body.resumable
     )
     return record.info()
 
 
 @router.get("/calls/{call_id}/sessions", response_model=SessionList, responses=ERRORS)
-async def list_call_sessions(call_id: CallId, node: NodeDep) -> SessionList:
+async def list_call_sessions(call_id: CallId, node: NodeDep, allowed: CanView) -> SessionList:
     records = await node.registry.list_call(call_id)
-    return SessionList(sessions=[r.info() for r in records])
+    return SessionList(sessions=[r.info() for r in records if allowed(r)])
 
 
 @router.get("/calls/{call_id}/sessions/{session_id}", response_model=SessionInfo, responses=ERRORS)
-async def get_session(call_id: CallId, session_id: SessionId, node: NodeDep) -> SessionInfo:
-    return (await node.get_session(call_id, session_id)).info()
+async def get_session(
+    call_id: CallId, session_id: SessionId, node: NodeDep, allowed: CanView
+) -> SessionInfo:
+    return (await _visible(node, call_id, session_id, allowed)).info()
 
 
 WaitSeconds = Annotated[
@@ -83,8 +112,14 @@ WaitSeconds = Annotated[
 
 
 async def _close(
-    call_id: str, session_id: str, node: NodeDep, wait: float | None, response: Response
+    call_id: str,
+    session_id: str,
+    node: Node,
+    allowed: RecordCheck,
+    wait: float | None,
+    response: Response,
 ) -> SessionInfo | CloseAccepted:
+    await _visible(node, call_id, session_id, allowed)
     record = await node.close_session(call_id, session_id, wait=wait)
     if record is None:
         response.status_code = 202
@@ -108,10 +143,11 @@ async def close_session(
     call_id: CallId,
     session_id: SessionId,
     node: NodeDep,
+    allowed: CanClose,
     response: Response,
     wait: WaitSeconds = None,
 ) -> SessionInfo | CloseAccepted:
-    return await _close(call_id, session_id, node, wait, response)
+    return await _close(call_id, session_id, node, allowed, wait, response)
 
 
 @router.post(
@@ -123,11 +159,12 @@ async def close_session_beacon(
     call_id: CallId,
     session_id: SessionId,
     node: NodeDep,
+    allowed: CanClose,
     response: Response,
     wait: WaitSeconds = None,
 ) -> SessionInfo | CloseAccepted:
     """The same as DELETE, for ``navigator.sendBeacon`` (which can only POST)."""
-    return await _close(call_id, session_id, node, wait, response)
+    return await _close(call_id, session_id, node, allowed, wait, response)
 
 
 @router.get(
@@ -135,10 +172,12 @@ async def close_session_beacon(
     response_model=SessionMetrics,
     responses=ERRORS,
 )
-async def session_metrics(call_id: CallId, session_id: SessionId, node: NodeDep) -> SessionMetrics:
+async def session_metrics(
+    call_id: CallId, session_id: SessionId, node: NodeDep, allowed: CanReadMetrics
+) -> SessionMetrics:
     """The worker's ``ctx.metrics``: live from the owner, or as last reported to Redis by
     the owner's maintenance pass when asked of another node."""
-    record = await node.get_session(call_id, session_id)
+    record = await _visible(node, call_id, session_id, allowed)
     local = node.sessions.get(make_ref(call_id, session_id))
     values = dict(local.ctx.metrics) if local is not None else record.metrics
     end = record.ended_at or time.time()
@@ -163,30 +202,34 @@ async def get_checkpoint(
     call_id: CallId,
     session_id: SessionId,
     node: NodeDep,
+    allowed: CanView,
     version: Annotated[int | None, Query(ge=1, description="An older kept version.")] = None,
 ) -> Checkpoint:
     """The latest checkpoint, or one of the last ``FLEET_CHECKPOINT_HISTORY`` versions."""
-    await node.get_session(call_id, session_id)
+    await _visible(node, call_id, session_id, allowed)
     for envelope in await node.registry.checkpoints(call_id, session_id):
         checkpoint = Checkpoint.model_validate_json(envelope)
         if version is None or checkpoint.version == version:
             return checkpoint
     which = "no checkpoint" if version is None else f"no checkpoint version {version}"
-    raise SessionNotFound(f"session {session_id} has {which} (kept: the latest only by default)")
+    raise SessionNotFound(f"session {session_id} has {which}")
 
 
 @router.get("/sessions", response_model=SessionPage, responses=ERRORS)
 async def list_sessions(
     node: NodeDep,
+    allowed: CanView,
     state: State | None = None,
     node_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,9}$")] = None,
 ) -> SessionPage:
+    """Live sessions first, then recently ended ones. A page may hold fewer than ``limit``
+    sessions (filters apply after paging); follow ``next_cursor`` until it is null."""
     records, next_cursor = await node.registry.list_sessions(
         state=state, node_id=node_id, limit=limit, cursor=int(cursor or 0)
     )
     return SessionPage(
-        sessions=[r.info() for r in records],
+        sessions=[r.info() for r in records if allowed(r)],
         next_cursor=None if next_cursor is None else str(next_cursor),
     )
