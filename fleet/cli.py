@@ -1,4 +1,6 @@
-"""The ``fleet`` command: ``serve`` a node, ``run`` one session in the console."""
+"""The ``fleet`` command: ``serve`` a node, ``run`` one session in the console, look at
+and act on a running fleet (``sessions``, ``nodes``: see ``fleet.cli_ops``), and start a
+local one to play with (``demo``: see ``fleet.demo``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import sys
 import tempfile
 from typing import Any
 
-from fleet import __version__
+from fleet import __version__, cli_ops
 from fleet.errors import FleetError
 from fleet.logs import configure
 from fleet.settings import Settings, load_settings
@@ -53,6 +55,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(run_one(settings, args.call_id, params))
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fleet.demo import run_demo
+
+    return run_demo(nodes=args.nodes, port=args.port, front=None if args.no_front else args.front)
+
+
+def _node_count(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError("must be between 1 and 16")
+    return value
+
+
+def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="a local fleet: redis-server, N nodes and a round-robin nginx or haproxy front",
+    )
+    demo.add_argument("--nodes", type=_node_count, default=3, metavar="N",
+                      help="fleet serve processes (1-16, default 3)")  # fmt: skip
+    demo.add_argument("--port", type=int, default=8000, help="the front's port (default 8000)")
+    demo.add_argument(
+        "--front", choices=["auto", "nginx", "haproxy"], default="auto",
+        help="the load balancer (default: nginx if installed, else haproxy)",
+    )  # fmt: skip
+    demo.add_argument("--no-front", action="store_true", help="no load balancer: nodes only")
+    demo.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fleet {__version__}")
@@ -72,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--params", default="{}", help="the session's params, a JSON object")
     run.add_argument("--call-id", default="console", help="the call id (default: console)")
     run.set_defaults(func=cmd_run)
+
+    cli_ops.register(sub)
+    _demo_parser(sub)
     return parser
 
 
@@ -84,7 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `fleet sessions ls | head`: the reader left, not an error
+        _silence_stdout()
+        return 1
     return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail
+    again on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

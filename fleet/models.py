@@ -137,6 +137,19 @@ class CloseAccepted(BaseModel):
     state: Literal["closing"] = "closing"
 
 
+class SessionMetrics(BaseModel):
+    """``…/metrics`` of one session: the worker's ``ctx.metrics`` plus timings."""
+
+    session_id: str
+    call_id: str
+    node_id: str
+    state: State
+    metrics: dict[str, float]
+    started_at: float
+    ended_at: float | None
+    duration_seconds: float
+
+
 class Checkpoint(BaseModel):
     version: int
     epoch: int

@@ -9,6 +9,7 @@ import json
 import random
 import time
 import uuid
+from typing import cast
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -69,7 +70,8 @@ async def _race(url: str, claimers: int, stale_writes: int, seed: int) -> None:
             return results
 
         outcome = await asyncio.gather(stale_owner(), *(claimer(n) for n in names))
-        stale_results, winners = outcome[0], [w for w in outcome[1:] if w]
+        stale_results = cast(list[int], outcome[0])
+        winners = [w for w in outcome[1:] if isinstance(w, str)]
         assert len(winners) == 1, winners
         record = await reg.get("call", "s")
         assert record is not None and record.node_id == winners[0] and record.epoch == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis as redis_sync
 
@@ -18,8 +18,10 @@ FAST = {"params": {"interval": 0.05}}
 def ticks(fleet: LocalFleet, call: str, sid: str) -> list[tuple[str, Any]]:
     """The session's events as (type, data), in stream order."""
     with redis_sync.Redis.from_url(fleet.redis.url, decode_responses=True) as r:
-        entries = r.xrange(Keys(fleet.prefix).events(call, sid))
-    return [(f["type"], json.loads(f["data"])) for _, f in entries]  # type: ignore[union-attr]
+        entries = cast(
+            list[tuple[str, dict[str, str]]], r.xrange(Keys(fleet.prefix).events(call, sid))
+        )
+    return [(f["type"], json.loads(f["data"])) for _, f in entries]
 
 
 def tick_numbers(events: list[tuple[str, Any]]) -> list[int]:

@@ -18,6 +18,7 @@ from fleet.models import (
     CloseAccepted,
     SessionInfo,
     SessionList,
+    SessionMetrics,
     SessionPage,
     SessionRecord,
     State,
@@ -44,17 +45,6 @@ class StartRequest(BaseModel):
         description="false: if its node dies, end the session as node_lost instead of "
         "resuming it elsewhere from its last checkpoint.",
     )
-
-
-class SessionMetrics(BaseModel):
-    session_id: str
-    call_id: str
-    node_id: str
-    state: State
-    metrics: dict[str, float]
-    started_at: float
-    ended_at: float | None
-    duration_seconds: float
 
 
 async def _visible(

@@ -1,0 +1,272 @@
+"""``fleet sessions ls|show|close`` and ``fleet nodes`` against a real ``fleet serve``
+process: tables, ``--json``, and exit codes. Failures are one line on stderr, exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fleet import cli, cli_ops
+from fleet.client import FleetClient
+from tests.redis_server import free_port
+
+
+@pytest.fixture(scope="module")
+def node_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One node on its embedded Redis, shared by the module's tests (each uses calls of
+    its own)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_NODE_ID="cli-node", FLEET_DRAIN_TIMEOUT="0.5", FLEET_CLOSE_GRACE="1")
+    log = tmp_path_factory.mktemp("cli") / "node.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet", "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLEET_URL", raising=False)
+    monkeypatch.delenv("FLEET_TOKEN", raising=False)
+
+
+def fleet(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def call(node_url: str) -> str:
+    return f"cli-{uuid.uuid4().hex[:8]}"
+
+
+def start(url: str, call: str, n: int = 1, **params: float) -> list[str]:
+    with FleetClient(url) as client:
+        return [client.start_session(call, params or None).session_id for _ in range(n)]
+
+
+# ---- the commands -------------------------------------------------------------------------
+
+
+def test_nodes_table_and_json(node_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = fleet(capsys, "nodes", "--url", node_url)
+    assert code == 0 and err == ""
+    header, row = out.splitlines()
+    assert header.split() == [
+        "NODE", "HOST", "STATE", "SESSIONS", "CAPACITY", "UP", "HEARTBEAT", "VERSION",
+    ]  # fmt: skip
+    assert row.split()[0] == "cli-node" and row.split()[2] == "up"
+    assert header.index("SESSIONS") + len("SESSIONS") == row.index(row.split()[3]) + len(
+        row.split()[3]
+    ), "numbers align right under their header"
+
+    code, out, _ = fleet(capsys, "nodes", "--json", "--url", node_url)
+    nodes = json.loads(out)["nodes"]
+    assert code == 0 and [n["node_id"] for n in nodes] == ["cli-node"]
+
+
+def test_ls_lists_filters_and_pages(
+    node_url: str, call: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEET_URL", node_url)  # read from the environment, no --url
+    sids = start(node_url, call, 3)
+    code, out, err = fleet(capsys, "sessions", "ls", "--call", call)
+    lines = out.splitlines()
+    assert code == 0 and err == ""
+    assert lines[0].split() == [
+        "CALL", "SESSION", "STATE", "NODE", "AGE", "EPOCH", "RESUMED", "CKPT", "END",
+    ]  # fmt: skip
+    assert {line.split()[1] for line in lines[1:]} == set(sids)
+    assert all(line.split()[2:4] == ["running", "cli-node"] for line in lines[1:])
+    assert all(line.split()[4].endswith("s") for line in lines[1:])  # an age like 0s
+
+    code, out, err = fleet(capsys, "sessions", "ls", "--call", call, "--state", "ended")
+    assert (code, out, err) == (0, "", "no sessions\n")
+
+    code, out, _ = fleet(capsys, "sessions", "ls", "--call", call, "--json", "--limit", "2")
+    listed = json.loads(out)
+    assert code == 0 and len(listed["sessions"]) == 2 and listed["next_cursor"] is None
+    assert {s["session_id"] for s in listed["sessions"]} <= set(sids)
+
+    # Fleet-wide: one page, with a hint when there is more; --all follows every page.
+    code, out, err = fleet(capsys, "sessions", "ls", "--limit", "1")
+    assert code == 0 and len(out.splitlines()) == 2 and "--all" in err
+    code, out, _ = fleet(capsys, "sessions", "ls", "--all", "--json", "--node", "cli-node")
+    everything = {s["session_id"] for s in json.loads(out)["sessions"]}
+    assert code == 0 and set(sids) <= everything
+
+
+def test_show_and_close(node_url: str, call: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (sid,) = start(node_url, call, interval=0.02)
+    code, out, _ = fleet(capsys, "sessions", "show", call, sid, "--url", node_url)
+    fields = dict(line.split(None, 1) for line in out.splitlines() if " " in line)
+    assert code == 0 and fields["state"] == "running" and fields["session"] == sid
+    assert "ago)" in fields["started"] and "metrics" in fields
+
+    code, out, _ = fleet(capsys, "sessions", "show", call, sid, "--json", "--url", node_url)
+    shown = json.loads(out)
+    assert code == 0 and shown["session_id"] == sid and isinstance(shown["metrics"], dict)
+
+    code, out, err = fleet(capsys, "sessions", "close", call, sid, "--wait", "5", "--url", node_url)
+    assert code == 0 and err == ""
+    assert out == f"{call}/{sid} ended (closed) on cli-node\n"
+
+    (other,) = start(node_url, call)
+    code, out, _ = fleet(capsys, "sessions", "close", call, other, "--json", "--url", node_url)
+    assert code == 0 and json.loads(out) == {"state": "closing"}
+
+
+def test_close_that_outlasts_its_wait_exits_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transport = httpx.MockTransport(lambda r: httpx.Response(202, json={"state": "closing"}))
+    monkeypatch.setattr(
+        cli_ops, "make_client", lambda args: FleetClient("http://fleet", transport=transport)
+    )
+    code, out, err = fleet(capsys, "sessions", "close", "c", "s", "--wait", "2")
+    assert code == 1 and out == "c/s closing: its node has been told\n"
+    assert err == "fleet: c/s is still closing after 2s\n"
+
+
+# ---- failures -----------------------------------------------------------------------------
+
+
+def test_unknown_session_is_one_line_and_exit_1(
+    node_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = fleet(capsys, "sessions", "show", "demo", "nope", "--url", node_url)
+    assert code == 1 and out == ""
+    assert err.startswith("fleet: ") and err.endswith("[404 not_found]\n")
+    assert err.count("\n") == 1
+    code, _, err = fleet(capsys, "sessions", "close", "demo", "bad id!", "--url", node_url)
+    assert code == 1 and "[422 invalid_request]" in err
+
+
+def test_unreachable_and_unauthorized(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, out, err = fleet(capsys, "nodes", "--url", dead)
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"fleet: cannot reach {dead}") and "FLEET_URL" in err
+
+    code, _, err = fleet(capsys, "nodes", "--url", "ftp://nowhere")
+    assert code == 1 and "http://" in err
+
+    seen: list[httpx.Request] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(401, json={"detail": "missing or bad token", "code": "unauthorized"})
+
+    monkeypatch.setenv("FLEET_TOKEN", "cli-test-token-0123456789")
+    monkeypatch.setattr(
+        cli_ops,
+        "make_client",
+        lambda args: FleetClient("http://fleet", transport=httpx.MockTransport(refuse)),
+    )
+    code, _, err = fleet(capsys, "sessions", "ls")
+    assert code == 1
+    assert err == (
+        "fleet: missing or bad token [401 unauthorized] "
+        "(set FLEET_TOKEN to a token from the nodes' FLEET_API_KEYS)\n"
+    )
+    assert seen[0].headers["authorization"] == "Bearer cli-test-token-0123456789"
+
+
+def test_as_a_process_no_traceback(node_url: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    dead = f"http://127.0.0.1:{free_port()}"
+    failed = subprocess.run(
+        [sys.executable, "-m", "fleet", "sessions", "ls", "--url", dead],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert "Traceback" not in failed.stderr and failed.stderr.count("\n") == 1
+    listed = subprocess.run(
+        [sys.executable, "-m", "fleet", "nodes", "--json"],
+        capture_output=True,
+        text=True,
+        env={**env, "FLEET_URL": node_url},
+        timeout=30,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["nodes"][0]["node_id"] == "cli-node"
+
+
+# ---- the pieces ---------------------------------------------------------------------------
+
+
+def test_ages() -> None:
+    seconds = (-3, 0, 59.9, 60, 192, 3599, 3600, 7500, 86400 * 3 + 3600 * 4)
+    assert [cli_ops.age(s) for s in seconds] == [
+        "0s", "0s", "59s", "1m00s", "3m12s", "59m59s", "1h00m", "2h05m", "3d04h",
+    ]  # fmt: skip
+
+
+def test_table_aligns() -> None:
+    text = cli_ops.table(["NAME", "N"], [["a", "1"], ["longer", "100"]], right=frozenset({1}))
+    assert text.splitlines() == ["NAME      N", "a         1", "longer  100"]
+
+
+def test_serve_and_run_are_unchanged() -> None:
+    parser = cli.build_parser()
+    serve = parser.parse_args(["serve", "--host", "0.0.0.0", "--port", "9", "--workers", "2"])
+    assert serve.func is cli.cmd_serve and (serve.host, serve.port, serve.workers) == (
+        "0.0.0.0", 9, 2,
+    )  # fmt: skip
+    run = parser.parse_args(["run", "--params", "{}", "--call-id", "x"])
+    assert run.func is cli.cmd_run and run.call_id == "x"
+    demo = parser.parse_args(["demo", "--no-front"])
+    assert (demo.nodes, demo.port, demo.front, demo.no_front) == (3, 8000, "auto", True)
+
+
+def test_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (
+        ["sessions", "ls", "--limit", "0"],
+        ["sessions", "close", "c"],
+        ["demo", "--nodes", "0"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_namespace_for_ops_commands_has_client_command() -> None:
+    args = cli.build_parser().parse_args(["nodes"])
+    assert isinstance(args, argparse.Namespace) and args.client_command is cli_ops.cmd_nodes
