@@ -33,9 +33,13 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure(settings.log_level, settings.log_format)
-    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    multiproc = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if settings.workers > 1 and not multiproc:
         # Must be set before prometheus_client is imported: the workers share one view.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fleet-metrics-")
+    elif multiproc:
+        # prometheus_client opens files there as soon as fleet.metrics is imported.
+        os.makedirs(multiproc, exist_ok=True)
     from fleet.server import serve
 
     return serve(settings)
