@@ -8,6 +8,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from fleet import gunicorn_conf
+from fleet.server import KEEP_ALIVE_SECONDS
 from fleet.settings import Settings, default_node_id
 
 
@@ -29,6 +30,7 @@ class FleetGunicorn(BaseApplication):  # type: ignore[misc]
             # The drain runs inside each worker: gunicorn must wait for it, and then some.
             "graceful_timeout": int(s.drain_timeout + s.close_grace) + 10,
             "timeout": max(30, int(s.node_ttl * 3)),
+            "keepalive": KEEP_ALIVE_SECONDS,
         }
         for key, value in config.items():
             self.cfg.set(key, value)

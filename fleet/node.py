@@ -26,7 +26,6 @@ from fleet.errors import (
     AdmissionRejected,
     InvalidParams,
     NotAccepting,
-    RedisUnavailable,
     SessionNotFound,
 )
 from fleet.events import EventDispatcher  # events (issue 5)
@@ -508,49 +507,36 @@ class Node:
         metrics.NODES_LIVE.set(await self.registry.redis.zcard(self.registry.keys.nodes()))
 
     async def _check_own_sessions(self) -> None:
-        """One round trip for all of this node's sessions, then fixes where needed."""
+        """One round trip for all of this node's sessions; then act on the few that need
+        it: records Redis lost, sessions that moved, close flags a lost message carried.
+        When the slot count disagrees, a second look finds stray and missing slots."""
         async with self._maintain_lock:
             await self._write_unwritten_ends()
             local = [s for s in self.sessions.values() if not s.done.is_set()]
-            slots, watched = await self.registry.snapshot(self.node_id, [s.ref for s in local])
-            for session, seen in zip(local, watched, strict=True):
-                await self._reconcile(
-                    session,
-                    seen.exists,
-                    seen.node_id,
-                    seen.epoch,
-                    seen.state,
-                    seen.close_reason,
-                    session.ref in slots,
-                )
-            await self._release_strays(slots)
+            slot_count, attention = await self.registry.watch(
+                self.node_id, [(s.ref, s.record.epoch) for s in local]
+            )
+            for index, code, detail in attention:
+                session = local[index]
+                if code == "missing":
+                    await self.restore(session)
+                elif code == "moved":
+                    session.lose("moved")
+                elif code == "close" and not session.closing:
+                    try:
+                        session.request_close(CloseReason(detail))
+                    except ValueError:
+                        session.request_close(CloseReason.CLOSED)
+            if slot_count != len(local) or self._strays:
+                await self._check_slots(local)
 
-    async def _reconcile(
-        self,
-        session: LocalSession,
-        exists: bool,
-        owner: str | None,
-        epoch: int | None,
-        state: str | None,
-        close_reason: str | None,
-        has_slot: bool,
-    ) -> None:
-        record = session.record
-        if not exists:
-            await self.restore(session)
-            return
-        if owner != self.node_id or epoch != record.epoch or state == State.ENDED:
-            session.lose("moved")
-            return
-        if not has_slot:
-            # Only a reaper takes a slot away: the session is being moved (or ended).
-            session.lose("moved")
-            return
-        if close_reason and not session.closing:
-            try:
-                session.request_close(CloseReason(close_reason))
-            except ValueError:
-                session.request_close(CloseReason.CLOSED)
+    async def _check_slots(self, local: list[LocalSession]) -> None:
+        slots = await self.registry.node_slots(self.node_id)
+        for session in local:
+            if session.ref not in slots and not session.done.is_set():
+                # Only a reaper takes a slot away: the session is being moved (or ended).
+                session.lose("moved")
+        await self._release_strays(slots)
 
     async def restore(self, session: LocalSession) -> None:
         """Redis lost a session this node runs (a restart without persistence): write its
@@ -599,8 +585,3 @@ class Node:
         if record is None:
             raise SessionNotFound(f"no session {session_id} in call {call_id}")
         return record
-
-    def check_redis(self, exc: BaseException) -> RedisUnavailable:
-        self.redis_ok = False
-        self._set_ready_gauge()
-        return RedisUnavailable(f"Redis did not answer ({type(exc).__name__}); retry shortly")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.crc import key_slot
 
 from fleet.errors import AdmissionRejected, NotAccepting
 from fleet.keys import Keys, make_ref, split_ref
@@ -34,8 +34,8 @@ _ADMIT_DETAIL = {
     AdmitResult.NODE_CAPACITY: "this node is at capacity; retry, another node may have room",
 }
 
-# Fields the maintenance pass reads for each local session.
-WATCH_FIELDS = ("node_id", "epoch", "state", "close_reason")
+# Sessions per watch.lua call: big enough to be cheap, small enough to keep Redis snappy.
+WATCH_CHUNK = 500
 
 
 def _json(value: Any) -> str:
@@ -46,22 +46,12 @@ def _limit(value: int | None) -> int:
     return -1 if value is None else value
 
 
-@dataclass(frozen=True)
-class Watched:
-    """What the maintenance pass reads of one local session."""
-
-    exists: bool
-    node_id: str | None
-    epoch: int | None
-    state: str | None
-    close_reason: str | None
-
-
 class Registry:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
         self.scripts = Scripts(redis)
+        self.cluster = isinstance(redis, RedisCluster)
         self._settings = settings
         self._tombstone_ms = settings.tombstone_ttl * 1000
 
@@ -347,26 +337,38 @@ class Registry:
         )
         return str(status), str(owner)
 
-    async def snapshot(self, node_id: str, refs: list[str]) -> tuple[set[str], list[Watched]]:
-        """This node's admission slots, and the owner, epoch, state and close flag of each of
-        ``refs``: what the maintenance pass needs, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.smembers(self.keys.node_sessions(node_id))
-        for ref in refs:
-            pipe.hmget(self.keys.session(*split_ref(ref)), list(WATCH_FIELDS))
-        with redis_timer("snapshot"):
-            slots, *rows = await pipe.execute()
-        watched = [
-            Watched(
-                exists=owner is not None,
-                node_id=owner,
-                epoch=int(epoch) if epoch is not None else None,
-                state=state,
-                close_reason=close_reason,
+    async def watch(
+        self, node_id: str, sessions: list[tuple[str, int]]
+    ) -> tuple[int, list[tuple[int, str, str]]]:
+        """The node's slot count, and the sessions among ``sessions`` (ref, epoch) that need
+        attention as (index, code, detail): see ``watch.lua``. One round trip: the sessions
+        go in pipelined chunks (on Cluster, one hash slot per chunk)."""
+        groups: dict[int, list[int]] = {}
+        for i, (ref, _) in enumerate(sessions):
+            slot = key_slot(self.keys.session(*split_ref(ref)).encode()) if self.cluster else 0
+            groups.setdefault(slot, []).append(i)
+        chunks: list[list[int]] = []
+        for indexes in groups.values():
+            for start in range(0, len(indexes), WATCH_CHUNK):
+                chunks.append(indexes[start : start + WATCH_CHUNK])
+        calls: list[tuple[str, list[str], list[Any]]] = [
+            (
+                "watch",
+                [self.keys.session(*split_ref(sessions[i][0])) for i in chunk],
+                [node_id, *(sessions[i][1] for i in chunk)],
             )
-            for owner, epoch, state, close_reason in rows
+            for chunk in chunks
         ]
-        return set(slots), watched
+        slot_key = self.keys.node_sessions(node_id)
+        with redis_timer("watch"):
+            count, *answers = await self.scripts.run_pipeline(
+                calls, before=lambda pipe: pipe.scard(slot_key)
+            )
+        found: list[tuple[int, str, str]] = []
+        for chunk, flat in zip(chunks, answers, strict=True):
+            for j in range(0, len(flat), 3):
+                found.append((chunk[int(flat[j]) - 1], str(flat[j + 1]), str(flat[j + 2])))
+        return int(count), found
 
     # -- nodes and leases ---------------------------------------------------------------
     async def heartbeat(self, node_id: str, info: dict[str, str]) -> HeartbeatStatus:

@@ -100,6 +100,7 @@ class Scripts:
         "emit",
         "claim",
         "handoff",
+        "watch",
     )
 
     def __init__(self, redis: Redis) -> None:

@@ -16,6 +16,8 @@ from fleet.settings import Settings
 
 log = logging.getLogger("fleet.server")
 
+KEEP_ALIVE_SECONDS = 75
+
 
 class FleetServer(uvicorn.Server):
     """uvicorn, except that the first SIGTERM or SIGINT starts the node's drain while the
@@ -79,6 +81,9 @@ def serve(settings: Settings) -> int:
         log_config=None,
         timeout_graceful_shutdown=max(1, int(settings.close_grace) + 1),
         proxy_headers=True,
+        # Longer than load balancers' idle timeouts (60 s on most), so the proxy closes
+        # idle connections first and never reuses one this end is closing.
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         server_header=False,
     )
     server = FleetServer(config, node)

@@ -126,9 +126,33 @@ async def test_close_sets_flag_and_publishes_to_owner(
             break
     await pubsub.aclose()  # type: ignore[no-untyped-call]
     assert message is not None and message["data"] == "hello"
-    slots, watched = await reg.snapshot("n1", [make_ref("c", "s1")])
-    assert slots == {make_ref("c", "s1")}
-    assert watched[0].close_reason == "closed" and watched[0].state == "closing"
+    count, attention = await reg.watch("n1", [(make_ref("c", "s1"), 1)])
+    assert count == 1 and attention == [(0, "close", "closed")]
+    got = await reg.get("c", "s1")
+    assert got is not None and got.state == "closing"
+
+
+async def test_watch_reports_only_what_needs_attention(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings)
+    await reg.heartbeat("n1", {})
+    sessions = []
+    for i in range(1200):  # more than one chunk
+        await reg.create(record(f"c{i % 7}", f"s{i}", "n1"))
+        sessions.append((make_ref(f"c{i % 7}", f"s{i}"), 1))
+    await redis.hset(reg.keys.session("c3", "s10"), "close_reason", "idle")
+    await redis.hset(reg.keys.session("c4", "s11"), "epoch", "2")
+    await redis.delete(reg.keys.session("c5", "s12"))
+    sessions[13] = (sessions[13][0], 5)  # this node runs it under another epoch
+    count, attention = await reg.watch("n1", sessions)
+    assert count == 0
+    assert sorted(attention) == [
+        (10, "close", "idle"),
+        (11, "moved", ""),
+        (12, "missing", ""),
+        (13, "moved", ""),
+    ]
 
 
 async def test_concurrent_reapers_take_each_session_once(

@@ -68,7 +68,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
-        request.app.state.node.check_redis(exc)
+        # One failed request does not make the node unready: the lease loop decides that.
+        log.warning("Redis error on %s: %s", request.url.path, type(exc).__name__)
         return error_response(
             503, "Redis did not answer; retry shortly", "redis_unavailable", {"Retry-After": "1"}
         )

@@ -98,9 +98,13 @@ class LocalFleet:
     def __enter__(self) -> LocalFleet:
         if self._own_redis:
             self.redis.start()
-        for node in self.nodes:
-            node.start()
-        self.wait_ready()
+        try:
+            for node in self.nodes:
+                node.start()
+            self.wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
