@@ -92,6 +92,8 @@ class Node:
         for loop in (self._lease_loop, self._maintenance_loop, self._tick_loop):
             self._tasks.append(asyncio.create_task(loop(), name=f"{self.node_id} {loop.__name__}"))
         self._tasks.append(asyncio.create_task(self._listener.run(), name="control listener"))
+        for task in self._tasks:
+            task.add_done_callback(self._loop_ended)
         self.events.start()  # events (issue 5)
         log.info(
             "node started (worker %s, lease %.1fs)",
@@ -99,6 +101,13 @@ class Node:
             self.settings.node_ttl,
             extra={"node_id": self.node_id},
         )
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop only ends when the node stops; anything else is a bug worth shouting."""
+        if not task.cancelled() and task.exception() is not None:
+            log.critical(
+                "%s died: %r", task.get_name(), task.exception(), extra={"node_id": self.node_id}
+            )
 
     def begin_drain(self) -> None:
         """Stop taking sessions and let the running ones finish (SIGTERM). Idempotent."""
@@ -567,7 +576,7 @@ class Node:
     # -- session limits -----------------------------------------------------------------
     async def _tick_loop(self) -> None:
         idle, longest = self.settings.idle_timeout, self.settings.max_session_duration
-        period = min(1.0, *(x / 4 for x in (idle, longest) if x is not None))
+        period = min([1.0, *(x / 4 for x in (idle, longest) if x is not None)])
         while True:
             await asyncio.sleep(period)
             now, wall = time.monotonic(), time.time()

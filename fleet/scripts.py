@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
 from fleet.metrics import redis_timer
@@ -106,6 +106,7 @@ class Scripts:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._scripts = {name: _read(name) for name in self.NAMES}
+        self.cluster = isinstance(redis, RedisCluster)
 
     async def load(self) -> None:
         for script in self._scripts.values():
@@ -120,6 +121,18 @@ class Scripts:
                 await self._redis.script_load(script.source)
                 return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
 
+    async def _run_in_order(
+        self,
+        calls: list[tuple[str, list[str], list[Any]]],
+        before: Callable[[Any], None] | None,
+    ) -> list[Any]:
+        plain: list[Any] = []
+        if before is not None:
+            pipe = self._redis.pipeline(transaction=False)
+            before(pipe)
+            plain = await pipe.execute()
+        return [*plain, *[await self(*call) for call in calls]]
+
     def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
         """Add a call to a pipeline (scripts must be loaded: see ``run_pipeline``)."""
         script = self._scripts[name]
@@ -132,7 +145,12 @@ class Scripts:
     ) -> list[Any]:
         """Run several script calls in one round trip, after any plain commands ``before``
         queues (their results come first). Calls that met an empty script cache (NOSCRIPT:
-        Redis restarted) are run again, alone, after a reload."""
+        Redis restarted) are run again, alone, after a reload.
+
+        redis-py's Cluster pipelines refuse scripts: on Cluster the calls go one after
+        the other instead (in order: a later call may need an earlier one's write)."""
+        if self.cluster:
+            return await self._run_in_order(calls, before)
         pipe = self._redis.pipeline(transaction=False)
         if before is not None:
             before(pipe)

@@ -175,3 +175,11 @@ async def test_stray_slot_is_released(make_settings: SettingsFactory, redis: Red
 
 async def _no_slots(node: Node) -> bool:
     return not await node.registry.node_slots(node.node_id)
+
+
+async def test_node_loops_keep_running(make_settings: SettingsFactory, redis: Redis) -> None:
+    for extra in ({}, {"idle_timeout": 2.0}, {"max_session_duration": 3.0}):
+        async with running_node(make_settings(**extra), redis) as node:
+            await wait_ready(node)
+            await asyncio.sleep(0.3)
+            assert all(not task.done() for task in node._tasks), node._tasks
