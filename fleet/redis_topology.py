@@ -122,6 +122,6 @@ def connect_topology(url: str, timeout: float) -> Redis:
     for name in (*_SSL_OPTIONS, "ssl"):
         if name in options:
             sentinel_kwargs[name] = options[name]
-    manager = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, db=db, **options)
+    manager = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, db=db, **options)  # type: ignore[no-untyped-call]
     master: Redis = manager.master_for(service, redis_class=Redis)
     return master
