@@ -513,7 +513,7 @@ class Node:
             return
         await self._check_own_sessions()
         await self.failover.reap_dead_nodes()
-        metrics.NODES_LIVE.set(await self.registry.redis.zcard(self.registry.keys.nodes()))
+        metrics.NODES_LIVE.set(await self.registry.count_live_nodes())
 
     async def _check_own_sessions(self) -> None:
         """One round trip for all of this node's sessions; then act on the few that need

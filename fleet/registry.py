@@ -384,6 +384,9 @@ class Registry:
     async def node_slots(self, node_id: str) -> set[str]:
         return cast(set[str], await self.redis.smembers(self.keys.node_sessions(node_id)))
 
+    async def count_live_nodes(self) -> int:
+        return len(await self.scripts("expired_nodes", [self.keys.nodes()], [0, "live"]))
+
     async def live_nodes(self) -> list[NodeInfo]:
         """Nodes whose lease is held, by Redis' clock. Two round trips."""
         k = self.keys

@@ -106,4 +106,5 @@ def test_each_node_reports_its_own_work() -> None:
         assert value(text_a, "fleet_session_close_seconds_count") == 1
         assert value(text_a, "fleet_sessions_active", state="running") == 2
         assert value(text_b, "fleet_sessions_active", state="running") == 2
-        assert value(text_a, "fleet_nodes_live") in (0, 2)  # set by the maintenance pass
+        # Set by the maintenance pass, as this node sees the fleet then.
+        assert value(text_a, "fleet_nodes_live") in (0, 1, 2)
