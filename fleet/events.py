@@ -38,6 +38,7 @@ from redis.exceptions import RedisError, ResponseError
 from fleet import metrics
 from fleet.models import State
 from fleet.registry import Registry
+from fleet.tasks import cancel_and_wait
 
 log = logging.getLogger("fleet.events")
 
@@ -50,11 +51,14 @@ REDIS_ERRORS = (RedisError, OSError)
 BUFFER_SIZE = 256  # live entries a listener may hold before it falls back to Redis
 CATCH_UP_COUNT = 100  # entries per backlog read
 READ_COUNT = 256  # entries per stream per dispatcher read
-CATCH_UP_CONCURRENCY = 4  # backlog reads in flight per node: bounds the pool's growth
+READ_CONCURRENCY = 4  # Redis reads for listeners in flight per node: bounds pool growth
 BLOCK_MS = 5000  # the dispatcher's XREAD BLOCK when CLIENT UNBLOCK can interrupt it
 FALLBACK_BLOCK_MS = 50  # ... and when it cannot (see ``_probe_unblock``)
 READ_GRACE = 5.0  # seconds a blocked read may overrun its BLOCK before it counts as lost
 RETRY_MIN, RETRY_MAX = 0.05, 2.0  # reconnect backoff, seconds
+
+
+_SSE_LINES = re.compile(r"\r\n|\r|\n")
 
 
 def is_event_id(value: str) -> bool:
@@ -82,8 +86,10 @@ class Event:
     @cached_property
     def sse(self) -> bytes:
         """The Server-Sent Events frame: ``id:``, ``event:``, one ``data:`` per line."""
-        kind = " ".join(self.type.splitlines())
-        data = "".join(f"data: {line}\n" for line in self.data.splitlines() or [""])
+        # Only CR, LF and CRLF end an SSE line: str.splitlines() would also split on
+        # U+2028 and friends, which JSON text may hold unescaped, and break the data.
+        kind = " ".join(_SSE_LINES.split(self.type))
+        data = "".join(f"data: {line}\n" for line in _SSE_LINES.split(self.data))
         return f"id: {self.id}\nevent: {kind}\n{data}\n".encode()
 
     @cached_property
@@ -159,8 +165,14 @@ class Listener:
                 await self._catch_up_within(remaining)
                 continue
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
+            # A bare timer that wakes us, not wait_for or asyncio.timeout: this is the hot
+            # path of every listener, and wait_for on Python 3.11 can also swallow a
+            # cancellation (a client that left would keep its listener).
+            timer = loop.call_at(deadline, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
         return None
 
     def take_ready(self, limit: int) -> list[Event]:
@@ -181,7 +193,8 @@ class Listener:
         """Between keep-alives: finish if the session ended or vanished without its
         ``session_ended`` reaching us (say Redis lost its data), so no stream hangs."""
         try:
-            record = await self._hub.registry.get(self.call_id, self.session_id)
+            async with self._hub.read_slots:
+                record = await self._hub.registry.get(self.call_id, self.session_id)
         except REDIS_ERRORS:
             return
         if record is None or record.state == State.ENDED:
@@ -213,7 +226,8 @@ class Listener:
 
     async def _catch_up_within(self, remaining: float) -> None:
         try:
-            await asyncio.wait_for(self._catch_up(), remaining)
+            async with asyncio.timeout(remaining):
+                await self._catch_up()
         except TimeoutError:
             return
         except REDIS_ERRORS as exc:
@@ -226,7 +240,7 @@ class Listener:
 
     async def _catch_up(self) -> None:
         hub = self._hub
-        async with hub.catch_up_slots:
+        async with hub.read_slots:
             # From here on the fan-out fills ``_live`` again; what it handed out before is
             # in Redis already, so this read covers it.
             self._behind = False
@@ -268,7 +282,9 @@ class EventDispatcher:
         self.read_count = read_count
         self.block_ms = block_ms
         self.fallback_block_ms = fallback_block_ms
-        self.catch_up_slots = asyncio.Semaphore(CATCH_UP_CONCURRENCY)
+        # Every Redis read made for listeners (look-ups, backlogs) takes a slot: a burst of
+        # new clients then reuses a few pool connections instead of opening one each.
+        self.read_slots = asyncio.Semaphore(READ_CONCURRENCY)
         self._open: set[Listener] = set()
         self._groups: dict[str, set[Listener]] = {}  # stream key -> joined listeners
         self._positions: dict[str, str] = {}  # stream key -> last id the dispatcher read
@@ -300,10 +316,7 @@ class EventDispatcher:
     async def stop(self) -> None:
         """Stop reading and end every open listener (their clients then reconnect,
         to another node if this one is going away)."""
-        tasks = [t for t in (self._task, self._unblock_task) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._task, self._unblock_task)
         self._task = self._unblock_task = None
         await self._drop_connection()
         for listener in list(self._open):
@@ -429,11 +442,12 @@ class EventDispatcher:
                 listener.offer(events)
 
     async def _connect(self) -> AbstractConnection:
-        """Take one connection from the node's pool for good (as a pub/sub client does)
-        and find out whether CLIENT UNBLOCK can interrupt its reads."""
+        """Open a connection of our own, made like the node's (same pool settings) but
+        never lent to it, and find out whether CLIENT UNBLOCK can interrupt its reads."""
         pool = self._redis.connection_pool
-        conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
         self._conn = conn
+        await conn.connect()  # type: ignore[no-untyped-call]
         self._client_id = await self._probe_unblock(conn)
         self.can_unblock = self._client_id is not None
         return conn
@@ -460,11 +474,8 @@ class EventDispatcher:
         conn, self._conn, self._client_id = self._conn, None, None
         if conn is None:
             return
-        # It may be mid-read: close it rather than hand a dirty connection back.
         with contextlib.suppress(*REDIS_ERRORS):
             await conn.disconnect()
-        with contextlib.suppress(*REDIS_ERRORS, KeyError, ValueError):
-            await self._redis.connection_pool.release(conn)
 
 
 def _event(entry_id: str, fields: Any) -> Event:

@@ -28,7 +28,7 @@ from fleet.errors import (
     NotAccepting,
     SessionNotFound,
 )
-from fleet.events import EventDispatcher  # events (issue 5)
+from fleet.events import EventDispatcher
 from fleet.failover import Failover, Targets
 from fleet.keys import make_ref
 from fleet.models import CloseReason, EndReason, SessionRecord, State
@@ -37,6 +37,7 @@ from fleet.registry import Registry
 from fleet.scripts import EndResult, HeartbeatStatus
 from fleet.session import LocalSession
 from fleet.settings import Settings
+from fleet.tasks import cancel_and_wait
 from fleet.worker import load_worker
 
 log = logging.getLogger("fleet.node")
@@ -80,7 +81,7 @@ class Node:
             self._on_subscribed,
         )
         self._state_counts: dict[str, int] = {s: 0 for s in State if s is not State.ENDED}
-        # events (issue 5): one reader of session streams for every SSE/WS client here.
+        # One reader of session streams for every SSE and WebSocket client on this node.
         self.events = EventDispatcher(self.registry)
 
     # -- start-up and shutdown ----------------------------------------------------------
@@ -94,7 +95,7 @@ class Node:
         self._tasks.append(asyncio.create_task(self._listener.run(), name="control listener"))
         for task in self._tasks:
             task.add_done_callback(self._loop_ended)
-        self.events.start()  # events (issue 5)
+        self.events.start()
         log.info(
             "node started (worker %s, lease %.1fs)",
             self.worker.import_string,
@@ -146,18 +147,10 @@ class Node:
         """Drain (if no drain ran yet), stop the loops and leave the registry."""
         self.begin_drain()
         await self.drained.wait()
-        for task in [*self._tasks, *self._background]:
-            task.cancel()
-        for session in list(self.sessions.values()):
-            if session.task is not None:
-                session.task.cancel()
-        await asyncio.gather(
-            *self._tasks,
-            *self._background,
-            *(s.task for s in self.sessions.values() if s.task),
-            return_exceptions=True,
+        await cancel_and_wait(
+            *self._tasks, *self._background, *(s.task for s in self.sessions.values())
         )
-        await self.events.stop()  # events (issue 5): ends open event streams
+        await self.events.stop()  # ends the open event streams
         with contextlib.suppress(*REDIS_ERRORS):
             await self.registry.remove_node(self.node_id)
         if self._owns_redis:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from pydantic import SecretStr
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -186,6 +187,7 @@ async def test_ended_session_replays_what_is_left_then_ends(served: Served) -> N
     events = await sse(served.http, path)
     assert [e["event"] for e in events][-1] == "session_ended" and ticks(events) == [1, 2]
     assert await sse(served.http, path, headers={"Last-Event-ID": events[-1]["id"]}) == []
+    assert await sse(served.http, path, params={"after": events[-2]["id"]}) == events[-1:]
 
 
 async def test_unknown_session_is_404_and_bad_ids_are_422(served: Served) -> None:
@@ -199,6 +201,13 @@ async def test_unknown_session_is_404_and_bad_ids_are_422(served: Served) -> Non
         resp = await served.http.get(path, headers={"Last-Event-ID": bad})
         assert resp.status_code == 422 and resp.json()["code"] == "invalid_request", bad
     assert (await served.http.get("/calls/demo/sessions/bad id/events")).status_code == 422
+
+
+async def test_openapi_documents_the_event_stream(served: Served) -> None:
+    spec = (await served.http.get("/openapi.json")).json()
+    route = spec["paths"]["/calls/{call_id}/sessions/{session_id}/events"]["get"]
+    assert "text/event-stream" in route["responses"]["200"]["content"]
+    assert {"404", "422"} <= set(route["responses"])
 
 
 async def test_keep_alive_comment_on_idle_streams(
@@ -263,6 +272,44 @@ async def test_websocket_unknown_session_and_bad_after(served: Served) -> None:
     sid = await served.start(interval=10)
     async with connect(f"{served.ws_url}/calls/demo/sessions/{sid}/ws?after=x") as ws:
         assert await ws_messages(ws) == ([], 4422)
+
+
+# -- auth ----------------------------------------------------------------------------------
+ALICE, BOB = "a" * 32, "b" * 32
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_events_need_a_token_and_show_only_the_owners_sessions(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    keys = SecretStr(f"alice:{ALICE},bob:{BOB}")
+    async with serve(make_settings(api_keys=keys), redis) as served:
+        resp = await served.http.post(
+            "/calls/demo/sessions",
+            json={"params": {"interval": 0.02, "limit": 2}},
+            headers=bearer(ALICE),
+        )
+        sid = resp.json()["session_id"]
+        path = f"/calls/demo/sessions/{sid}/events"
+        refused = await served.http.get(path)
+        assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
+        assert (await served.http.get(path, headers=bearer(BOB))).status_code == 404
+        events = await sse(served.http, path, headers=bearer(ALICE))
+        assert ticks(events) == [1, 2]
+        # EventSource cannot set headers: the token may come in the query.
+        assert await sse(served.http, path, params={"access_token": ALICE}) == events
+
+        url = f"{served.ws_url}/calls/demo/sessions/{sid}/ws"
+        async with connect(url) as ws:
+            assert await ws_messages(ws) == ([], 4401)
+        async with connect(url, additional_headers=bearer(BOB)) as ws:
+            assert await ws_messages(ws) == ([], 4404)
+        async with connect(f"{url}?access_token={ALICE}") as ws:
+            got, code = await ws_messages(ws)
+        assert code == 1000 and [m["id"] for m in got] == [e["id"] for e in events]
 
 
 # -- many listeners ----------------------------------------------------------------------
@@ -330,3 +377,13 @@ async def test_without_client_unblock_a_short_block_still_delivers(
         events = await sse(served.http, f"/calls/demo/sessions/{sid}/events")
         assert ticks(events) == [1, 2, 3, 4, 5]
     assert served.node.events.can_unblock is False
+
+
+def test_sse_frames_split_lines_only_where_sse_does() -> None:
+    from fleet.events import Event
+
+    event = Event(id="1-0", type="say", data='{"text":"a\u2028b\u0085c"}')
+    frame = event.sse.decode()
+    assert frame == 'id: 1-0\nevent: say\ndata: {"text":"a\u2028b\u0085c"}\n\n'
+    multi = Event(id="2-0", type="x", data="one\r\ntwo\nthree").sse.decode()
+    assert multi == "id: 2-0\nevent: x\ndata: one\ndata: two\ndata: three\n\n"

@@ -17,11 +17,19 @@ from fastapi import APIRouter, Header, Query, WebSocket
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from fleet.api.auth import ANONYMOUS, CanStream, Principal, RecordCheck, TokenTable, owns
 from fleet.api.deps import CallId, NodeDep, SessionId
 from fleet.errors import SessionNotFound
-from fleet.events import EVENT_ID_PATTERN, REDIS_ERRORS, START, Listener, is_event_id
+from fleet.events import (
+    EVENT_ID_PATTERN,
+    REDIS_ERRORS,
+    START,
+    Listener,
+    is_event_id,
+)
 from fleet.models import SessionRecord, State
 from fleet.node import Node
+from fleet.tasks import cancel_and_wait
 
 log = logging.getLogger("fleet.api.events")
 router = APIRouter(tags=["events"])
@@ -31,7 +39,7 @@ KEEPALIVE = b": keep-alive\n\n"
 BURST = 64  # events written in one chunk or one go when they are already waiting
 
 # WebSocket close codes: 4000 + the HTTP status they stand for.
-WS_NOT_FOUND, WS_INVALID, WS_TRY_AGAIN = 4404, 4422, 1013
+WS_UNAUTHORIZED, WS_NOT_FOUND, WS_INVALID, WS_TRY_AGAIN = 4401, 4404, 4422, 1013
 
 EventIdQuery = Annotated[
     str | None,
@@ -72,9 +80,7 @@ class EventStream(Response):
         try:
             await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            pump.cancel()
-            gone.cancel()
-            await asyncio.gather(pump, gone, return_exceptions=True)
+            await cancel_and_wait(pump, gone)
         if gone.done() and not gone.cancelled():
             return  # the client left
         if not pump.cancelled() and (exc := pump.exception()) is not None:
@@ -111,6 +117,7 @@ async def _disconnected(receive: Receive) -> None:
 
 @router.get(
     "/calls/{call_id}/sessions/{session_id}/events",
+    status_code=200,
     response_class=EventStream,
     responses={
         200: {
@@ -125,6 +132,7 @@ async def session_events(
     call_id: CallId,
     session_id: SessionId,
     node: NodeDep,
+    allowed: CanStream,
     after: EventIdQuery = None,
     last_event_id: LastEventId = None,
 ) -> EventStream:
@@ -132,7 +140,7 @@ async def session_events(
     start (or strictly after ``Last-Event-ID`` / ``after``), then follows it live and ends
     after ``session_ended``."""
     async with node.events.read_slots:
-        record = await node.get_session(call_id, session_id)  # 404 before the stream starts
+        record = await _readable(node, call_id, session_id, allowed)  # 404 before streaming
     return EventStream(node, record, last_event_id or after or START)
 
 
@@ -142,15 +150,24 @@ async def session_socket(
 ) -> None:
     """The same events as JSON messages ``{"id", "event", "data"}``. The client may send
     ``{"type": "close"}`` to ask for the session's close. Closes after ``session_ended``;
-    an unknown session closes with 4404, a malformed ``after`` with 4422."""
+    with 4401 without a valid token (header or ``?access_token=``), 4404 for an unknown
+    session (or another principal's), 4422 for a malformed ``after``. It applies the
+    ownership rule itself: the ``stream_permission`` hook (a FastAPI dependency that needs
+    an HTTP request) governs the event stream only."""
     node: Node = websocket.app.state.node
     await websocket.accept()
+    principal = _socket_principal(websocket)
+    if principal is None:
+        await websocket.close(WS_UNAUTHORIZED, "a valid bearer token is needed")
+        return
     if after is not None and not is_event_id(after):
         await websocket.close(WS_INVALID, "after must be an event id like 1700000000000-0")
         return
     try:
         async with node.events.read_slots:
-            record = await node.get_session(call_id, session_id)
+            record = await _readable(
+                node, call_id, session_id, lambda record: owns(principal, record)
+            )
     except SessionNotFound:
         await websocket.close(WS_NOT_FOUND, "no such session")
         return
@@ -166,12 +183,34 @@ async def session_socket(
         try:
             done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sender.cancel()
-            receiver.cancel()
-            await asyncio.gather(sender, receiver, return_exceptions=True)
+            await cancel_and_wait(sender, receiver)
     if sender in done and sender.exception() is None:  # the session ended, the client stays
         with contextlib.suppress(Exception):
             await websocket.close(1000, "session ended")
+
+
+async def _readable(
+    node: Node, call_id: str, session_id: str, allowed: RecordCheck
+) -> SessionRecord:
+    """The session, if it exists and the caller may follow it; 404 alike otherwise, so
+    another principal's session does not show."""
+    record = await node.get_session(call_id, session_id)
+    if not allowed(record):
+        raise SessionNotFound(f"no session {session_id} in call {call_id}")
+    return record
+
+
+def _socket_principal(websocket: WebSocket) -> Principal | None:
+    """Who opened the socket (``None``: no valid token). The same rules as the event
+    stream: ``Authorization: Bearer`` or, for browsers, which cannot set headers on a
+    WebSocket, ``?access_token=``."""
+    table: TokenTable = websocket.app.state.tokens
+    if not table:
+        return ANONYMOUS
+    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    token = token or websocket.query_params.get("access_token", "")
+    return table.lookup(token) if token else None
 
 
 async def _send_events(websocket: WebSocket, listener: Listener, lock: asyncio.Lock) -> None:
