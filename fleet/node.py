@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from fleet import __version__, metrics
 from fleet.control import ControlListener, Message
@@ -67,6 +67,7 @@ class Node:
         self.redis_ok = False
         self.lease_held = False
         self._last_renewal: float | None = None
+        self._renewal_problem = ""  # the last ResponseError text a renewal met, if any
         self._maintain_now = asyncio.Event()
         self._maintain_lock = asyncio.Lock()
         self.drained = asyncio.Event()
@@ -222,8 +223,10 @@ class Node:
                     record, {"node_id": self.node_id, "epoch": record.epoch}
                 )
             except BaseException:
+                # The write may have happened even though its answer was lost: end the
+                # record if there is one (fenced, idempotent) and free the slot either way.
                 with contextlib.suppress(*REDIS_ERRORS):
-                    await self.registry.release(self.node_id, call_id, session_id, listed=False)
+                    await self.registry.end(record, EndReason.FAILED.value, error="start")
                 raise
             if state != State.RUNNING:  # a brand-new record cannot be fenced: Redis lost it
                 raise NotAccepting("not_ready", "the session record could not be written")
@@ -426,10 +429,15 @@ class Node:
             status = await self.registry.heartbeat(self.node_id, self._node_info())
         except REDIS_ERRORS as exc:
             metrics.LEASE_RENEWAL_FAILURES.inc()
-            if self.redis_ok:
+            # Redis' own refusals (NOPERM, OOM, READONLY…) name the problem and hold no secret.
+            problem = f"{type(exc).__name__}: {exc}" if isinstance(exc, ResponseError) else ""
+            if self.redis_ok or problem != self._renewal_problem:
                 log.warning(
-                    "lease renewal failed: %s", type(exc).__name__, extra={"node_id": self.node_id}
+                    "lease renewal failed: %s",
+                    problem or type(exc).__name__,
+                    extra={"node_id": self.node_id},
                 )
+            self._renewal_problem = problem
             self.redis_ok = False
             if self._last_renewal is not None and now - self._last_renewal > self.settings.node_ttl:
                 self._lease_lapsed()
@@ -439,6 +447,7 @@ class Node:
             self._last_renewal is not None and now - self._last_renewal > self.settings.node_ttl
         )
         recovering = not self.redis_ok or not self.lease_held
+        self._renewal_problem = ""
         self.redis_ok = True
         self._last_renewal = now
         if status is not HeartbeatStatus.OK or lapsed or recovering:

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from fleet import errors
 from fleet.api.auth import Forbidden, Unauthorized
@@ -48,6 +49,18 @@ def _describe(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method served at this path (Starlette's 405 names only the first route's)."""
+    return ", ".join(
+        method
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.routes
+        )
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(errors.FleetError)
     async def fleet_error(request: Request, exc: errors.FleetError) -> JSONResponse:
@@ -63,8 +76,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body it cannot even decode: malformed, like any other.
+            return error_response(422, "the body is not valid JSON", "invalid_request")
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, str(exc.detail), code, exc.headers)
+        return error_response(exc.status_code, str(exc.detail), code, headers)
 
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, exc: RedisError) -> JSONResponse:

@@ -14,6 +14,10 @@ local lease = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
 if not lease or lease < now then
   return {'not_ready', now}
 end
+-- Already reserved: this is a retry of a call whose answer was lost. Count it once.
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then
+  return {'ok', now}
+end
 
 local per_call = tonumber(ARGV[4])
 if per_call >= 0 and (tonumber(redis.call('HGET', KEYS[3], ARGV[3])) or 0) >= per_call then

@@ -12,7 +12,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -65,11 +65,20 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace")
 
 
+class RedisLike(Protocol):
+    """A Redis to run against: a server, a Cluster or a Sentinel setup."""
+
+    @property
+    def url(self) -> str: ...
+    def start(self) -> object: ...
+    def stop(self) -> None: ...
+
+
 class LocalFleet:
     """``with LocalFleet(3, FLEET_NODE_TTL="2") as fleet:`` starts Redis and three nodes."""
 
-    def __init__(self, nodes: int = 3, redis: RedisServer | None = None, **settings: str) -> None:
-        self.redis = redis or RedisServer()
+    def __init__(self, nodes: int = 3, redis: RedisLike | None = None, **settings: str) -> None:
+        self.redis: RedisLike = redis or RedisServer()
         self._own_redis = redis is None
         self.dir = Path(tempfile.mkdtemp(prefix="fleet-nodes-"))
         self.prefix = f"t{uuid.uuid4().hex[:8]}"

@@ -6,7 +6,7 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from fleet.api.auth import CanClose, CanReadMetrics, CanStart, CanView, RecordCheck
 from fleet.api.deps import CallId, NodeDep, SessionId
@@ -40,7 +40,7 @@ class StartRequest(BaseModel):
 
     call_type: str = Field(default="default", pattern=ID_PATTERN)
     params: dict[str, Any] = Field(default_factory=dict)
-    resumable: bool = Field(
+    resumable: StrictBool = Field(
         default=True,
         description="false: if its node dies, end the session as node_lost instead of "
         "resuming it elsewhere from its last checkpoint.",
