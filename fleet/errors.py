@@ -61,5 +61,9 @@ class EventTooLarge(FleetError):
     code = "event_too_large"
 
 
+class EventsUnavailable(FleetError):
+    code = "events_unavailable"
+
+
 class RedisUnavailable(FleetError):
     code = "redis_unavailable"

@@ -25,6 +25,7 @@ STATUS: dict[type[errors.FleetError], int] = {
     errors.RedisUnavailable: 503,
     errors.InvalidParams: 422,
     errors.CheckpointTooLarge: 413,
+    errors.EventsUnavailable: 501,
     Unauthorized: 401,
     Forbidden: 403,
 }

@@ -97,3 +97,15 @@ def test_sentinel_failover_keeps_sessions_running() -> None:
             assert fleet.request("POST", "/calls/after/sessions").status_code == 201
     finally:
         topo.stop()
+
+
+def test_events_on_cluster_are_refused_clearly() -> None:
+    cluster = LocalCluster().start()
+    try:
+        with LocalFleet(1, redis=cluster) as fleet:
+            sid = fleet.start("c")["session_id"]
+            resp = fleet.request("GET", f"/calls/c/sessions/{sid}/events")
+            assert resp.status_code == 501 and resp.json()["code"] == "events_unavailable"
+            assert "Cluster" in resp.json()["detail"]
+    finally:
+        cluster.stop()
