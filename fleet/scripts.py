@@ -157,7 +157,7 @@ class Scripts:
         offset = len(pipe)
         for name, keys, args in calls:
             self.queue(pipe, name, keys, args)
-        with redis_timer("+".join(name for name, _, _ in calls)):
+        with redis_timer("+".join(dict.fromkeys(name for name, _, _ in calls))):
             results: list[Any] = await pipe.execute(raise_on_error=False)
         for i, result in enumerate(results):
             if isinstance(result, NoScriptError) and i >= offset:
