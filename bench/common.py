@@ -470,3 +470,39 @@ def commandstats(client: Any) -> dict[str, int]:
         name = key.removeprefix("cmdstat_")
         out[name] = int(value["calls"]) if isinstance(value, dict) else 0
     return out
+
+
+# -- processes ------------------------------------------------------------------------------
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (all its threads), from /proc."""
+    stat = _read(f"/proc/{pid}/stat")
+    if not stat:
+        return math.nan
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a live process (``VmRSS``), in bytes; 0 if unknown."""
+    m = re.search(r"^VmRSS:\s*(\d+) kB", _read(f"/proc/{pid}/status"), re.MULTILINE)
+    return int(m[1]) * 1024 if m else 0
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat: the
+    difference of two readings says how loaded the machine was in between."""
+    line = _read("/proc/stat").split("\n", 1)[0].split()
+    values = [int(v) / _CLOCK_TICKS for v in line[1:]]
+    if len(values) < 5:
+        return math.nan, math.nan
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages, for notes on how busy the machine was."""
+    parts = _read("/proc/loadavg").split()
+    return " / ".join(parts[:3]) if len(parts) >= 3 else "unknown"
