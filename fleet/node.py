@@ -222,14 +222,14 @@ class Node:
                 state = await self.registry.create_running(
                     record, {"node_id": self.node_id, "epoch": record.epoch}
                 )
+                if state != State.RUNNING:  # a new record cannot be fenced: Redis lost it
+                    raise NotAccepting("not_ready", "the session record could not be written")
             except BaseException:
                 # The write may have happened even though its answer was lost: end the
                 # record if there is one (fenced, idempotent) and free the slot either way.
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self.registry.end(record, EndReason.FAILED.value, error="start")
                 raise
-            if state != State.RUNNING:  # a brand-new record cannot be fenced: Redis lost it
-                raise NotAccepting("not_ready", "the session record could not be written")
             record.state = State.RUNNING
             session = LocalSession(self, record, worker, running=True)
             self.sessions[ref] = session
