@@ -90,6 +90,8 @@ class Node:
         metrics.init_labels()
         metrics.BUILD_INFO.labels(__version__).set(1)
         metrics.NODE_DRAINING.set(0)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.registry.load()  # else each script's first call meets NOSCRIPT
         await self._renew_lease()
         for loop in (self._lease_loop, self._maintenance_loop, self._tick_loop):
             self._tasks.append(asyncio.create_task(loop(), name=f"{self.node_id} {loop.__name__}"))
@@ -152,8 +154,17 @@ class Node:
             *self._tasks, *self._background, *(s.task for s in self.sessions.values())
         )
         await self.events.stop()  # ends the open event streams
-        with contextlib.suppress(*REDIS_ERRORS):
-            await self.registry.remove_node(self.node_id)
+        if self._unwritten_ends:
+            # Some ends could not be written: keep this node in the registry, so that when
+            # its lease lapses another node reaps those sessions instead of losing them.
+            log.error(
+                "%d session ends could not be written; leaving them to the reaper",
+                len(self._unwritten_ends),
+                extra={"node_id": self.node_id},
+            )
+        else:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.registry.remove_node(self.node_id)
         if self._owns_redis:
             await self.redis.aclose()
         log.info("node stopped", extra={"node_id": self.node_id})
@@ -342,7 +353,12 @@ class Node:
             return False
         try:
             return await self.failover.hand_off(session, self._handoff_targets)
-        except REDIS_ERRORS:
+        except REDIS_ERRORS as exc:
+            log.warning(
+                "hand-off failed (%s): ending the session here",
+                type(exc).__name__,
+                extra=session.log_extra,
+            )
             return False
 
     async def _write_end(self, record: SessionRecord, reason: EndReason, error: str) -> None:

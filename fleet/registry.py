@@ -451,10 +451,14 @@ class Registry:
             )
         )
 
-    async def remove_node(self, node_id: str) -> None:
-        """A clean shutdown: the node leaves the registry at once."""
+    async def remove_node(self, node_id: str) -> bool:
+        """A clean shutdown: the node leaves the registry at once, unless it still holds
+        slots (then its lease lapses and the reapers take care of them)."""
         k = self.keys
-        pipe = self.redis.pipeline(transaction=True)
+        if await self.redis.scard(k.node_sessions(node_id)):
+            return False
+        pipe = self.redis.pipeline(transaction=False)
         pipe.zrem(k.nodes(), node_id)
         pipe.delete(k.node_info(node_id))
         await pipe.execute()
+        return True

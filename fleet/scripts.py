@@ -70,15 +70,12 @@ class HeartbeatStatus(enum.StrEnum):
 class Script:
     name: str
     source: str
-
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
+    sha: str
 
 
 def _read(name: str) -> Script:
     source = resources.files("fleet").joinpath("lua", f"{name}.lua").read_text()
-    return Script(name, source)
+    return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 
 class Scripts:
