@@ -505,7 +505,9 @@ def report(
         for r in results:
             counts.update(r.ops[name].executed)
         top = ", ".join(
-            f"`{c}` {v / len(results) / per[name]:.1f}" for c, v in counts.most_common(12)
+            f"`{c}` {v / len(results) / per[name]:.1f}"
+            for c, v in counts.most_common(12)
+            if v / len(results) / per[name] >= 0.05
         )
         executed_rows.append([label, total.fmt("", 1), top])
 
