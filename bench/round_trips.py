@@ -404,19 +404,14 @@ def memory(fleet: Any, a: Any, count: int) -> dict[str, Any]:
 
 
 def run(opts: common.Options) -> common.Report:
-    import importlib.resources
-
-    from fleet.scripts import Script, Scripts
+    from fleet.scripts import Scripts, read_script
 
     k = QUICK_K if opts.quick else K
     count = QUICK_MEMORY_SESSIONS if opts.quick else MEMORY_SESSIONS
     load_before = common.load_average()
     harness = common._harness()
     fleet = harness.LocalFleet(2, **SETTINGS)
-    lua = importlib.resources.files("fleet").joinpath("lua")
-    scripts = {
-        Script(name, lua.joinpath(f"{name}.lua").read_text()).sha: name for name in Scripts.NAMES
-    }
+    scripts = {read_script(name).sha: name for name in Scripts.NAMES}
     proxies = {
         node.name: CountingProxy(label, fleet.redis.port, scripts).start()
         for node, label in zip(fleet.nodes, ("A", "B"), strict=True)

@@ -73,7 +73,7 @@ class Script:
     sha: str
 
 
-def _read(name: str) -> Script:
+def read_script(name: str) -> Script:
     source = resources.files("fleet").joinpath("lua", f"{name}.lua").read_text()
     return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 
@@ -102,7 +102,7 @@ class Scripts:
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._scripts = {name: _read(name) for name in self.NAMES}
+        self._scripts = {name: read_script(name) for name in self.NAMES}
         self.cluster = isinstance(redis, RedisCluster)
 
     async def load(self) -> None:
