@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleet.failover")
 
 # Dead-node sessions are reaped this many at a time: fast, without flooding Redis.
-REAP_CONCURRENCY = 32
+REAP_CONCURRENCY = 128
 
 
 class Targets:
@@ -163,11 +163,10 @@ class Failover:
             return
         self._resuming.add(ref)
         try:
-            record = await self.registry.get(*split_ref(ref))
+            record, latest = await self.registry.get_with_checkpoint(*split_ref(ref))
             if record is None or record.node_id != node.node_id or record.state == State.ENDED:
                 return
-            envelopes = await self.registry.checkpoints(record.call_id, record.session_id)
-            state: Any = json.loads(envelopes[0])["state"] if envelopes else None
+            state: Any = json.loads(latest)["state"] if latest else None
             session = LocalSession(node, record, node.worker.create(), state=state, resumed=True)
             node.adopt(session)
             log.info(

@@ -217,6 +217,17 @@ class Registry:
         )
         return result if isinstance(result, int) else str(result)
 
+    async def get_with_checkpoint(
+        self, call_id: str, session_id: str
+    ) -> tuple[SessionRecord | None, str | None]:
+        """The record and the latest checkpoint envelope, in one round trip (a resume)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.session(call_id, session_id))
+        pipe.lindex(self.keys.checkpoint(call_id, session_id), 0)
+        raw, latest = await pipe.execute()
+        record = SessionRecord.from_hash(raw) if raw else None
+        return record, latest
+
     async def checkpoints(self, call_id: str, session_id: str) -> list[str]:
         """The kept checkpoint envelopes (JSON text), newest first."""
         key = self.keys.checkpoint(call_id, session_id)
