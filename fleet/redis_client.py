@@ -53,7 +53,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fleet.errors import ConfigError
-from fleet.redis_topology import connect_topology, is_topology_url
+from fleet.redis_topology import TLS_OPTIONS, connect_topology, is_topology_url
 from fleet.settings import Settings
 
 log = logging.getLogger("fleet.redis")
@@ -78,19 +78,6 @@ COMMON_OPTIONS = frozenset(
 )
 #: Query options of TCP URLs (``redis://``, ``rediss://``).
 TCP_OPTIONS = frozenset({"socket_keepalive"})
-#: Query options of ``rediss://`` only.
-TLS_OPTIONS = frozenset(
-    {
-        "ssl_ca_certs",
-        "ssl_ca_path",
-        "ssl_certfile",
-        "ssl_keyfile",
-        "ssl_password",
-        "ssl_cert_reqs",
-        "ssl_check_hostname",
-        "ssl_ciphers",
-    }
-)
 CERT_REQS = ("required", "optional", "none")
 _FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 

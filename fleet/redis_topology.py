@@ -27,15 +27,18 @@ SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 _FLOAT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
-_SSL_OPTIONS = (
-    "ssl_ca_certs",
-    "ssl_ca_path",
-    "ssl_certfile",
-    "ssl_keyfile",
-    "ssl_password",
-    "ssl_cert_reqs",
-    "ssl_check_hostname",
-    "ssl_ciphers",
+#: TLS query options, the same for every TLS form (``rediss://`` and the ones here).
+TLS_OPTIONS = frozenset(
+    {
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_password",
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+        "ssl_ciphers",
+    }
 )
 _SENTINEL_OPTIONS = ("sentinel_password", "sentinel_username")
 
@@ -59,7 +62,7 @@ def _options(url: str, timeout: float) -> tuple[dict[str, Any], dict[str, str]]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    known = (*_FLOAT_OPTIONS, *_SSL_OPTIONS, *_SENTINEL_OPTIONS)
+    known = (*_FLOAT_OPTIONS, *TLS_OPTIONS, *_SENTINEL_OPTIONS)
     unknown = sorted(set(query) - set(known))
     if unknown:
         raise ConfigError(f"FLEET_REDIS_URL: unknown option(s) {', '.join(unknown)}")
@@ -79,7 +82,7 @@ def _options(url: str, timeout: float) -> tuple[dict[str, Any], dict[str, str]]:
         if password:
             options["password"] = unquote(password)
     tls = scheme.startswith("rediss")
-    for name in _SSL_OPTIONS:
+    for name in TLS_OPTIONS:
         if name in query:
             if not tls:
                 raise ConfigError(f"FLEET_REDIS_URL: {name} needs a rediss+… URL")
@@ -119,7 +122,7 @@ def connect_topology(url: str, timeout: float) -> Redis:
         sentinel_kwargs["password"] = sentinel_options["sentinel_password"]
     if "sentinel_username" in sentinel_options:
         sentinel_kwargs["username"] = sentinel_options["sentinel_username"]
-    for name in (*_SSL_OPTIONS, "ssl"):
+    for name in (*TLS_OPTIONS, "ssl"):
         if name in options:
             sentinel_kwargs[name] = options[name]
     manager = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, db=db, **options)  # type: ignore[no-untyped-call]

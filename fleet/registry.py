@@ -223,10 +223,10 @@ class Registry:
         """The record and the latest checkpoint envelope, in one round trip (a resume)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self.keys.session(call_id, session_id))
-        pipe.lindex(self.keys.checkpoint(call_id, session_id), 0)
+        pipe.lrange(self.keys.checkpoint(call_id, session_id), 0, 0)
         raw, latest = await pipe.execute()
         record = SessionRecord.from_hash(raw) if raw else None
-        return record, latest
+        return record, (latest[0] if latest else None)
 
     async def checkpoints(self, call_id: str, session_id: str) -> list[str]:
         """The kept checkpoint envelopes (JSON text), newest first."""
