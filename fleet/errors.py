@@ -63,7 +63,3 @@ class EventTooLarge(FleetError):
 
 class EventsUnavailable(FleetError):
     code = "events_unavailable"
-
-
-class RedisUnavailable(FleetError):
-    code = "redis_unavailable"

@@ -183,13 +183,16 @@ class Failover:
         claimed for it (the claim's message was lost, or the mover died before claiming),
         release the rest."""
         node = self.node
+        live: set[str] | None = None  # read once, and only if some slot needs it
         for ref in refs:
             record = await self.registry.get(*split_ref(ref))
             if record is not None and record.state != State.ENDED:
                 if record.node_id == node.node_id:
                     await self.resume(ref)
                     continue
-                if record.node_id not in await self._live_ids():
+                if live is None:
+                    live = {n.node_id for n in await self.registry.live_nodes()}
+                if record.node_id not in live:
                     # The mover died between moving the slot and claiming: finish it.
                     if await self._claim(ref, record.node_id, node.node_id):
                         await self.resume(ref)
@@ -197,6 +200,3 @@ class Failover:
             call_id, session_id = split_ref(ref)
             if await self.registry.release(node.node_id, call_id, session_id, listed=True):
                 log.warning("released a stray admission slot", extra=self._extra(ref))
-
-    async def _live_ids(self) -> set[str]:
-        return {n.node_id for n in await self.registry.live_nodes()}

@@ -22,7 +22,6 @@ STATUS: dict[type[errors.FleetError], int] = {
     errors.SessionNotFound: 404,
     errors.AdmissionRejected: 429,
     errors.NotAccepting: 503,
-    errors.RedisUnavailable: 503,
     errors.InvalidParams: 422,
     errors.CheckpointTooLarge: 413,
     errors.EventsUnavailable: 501,
