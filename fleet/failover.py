@@ -129,7 +129,7 @@ class Failover:
         epoch = await self.registry.claim(ref, previous, target, message)
         if epoch == FENCED:
             call_id, session_id = split_ref(ref)
-            await self.registry.release(target, call_id, session_id, listed=True)
+            await self.registry.release(target, call_id, session_id)
             return False
         return True
 
@@ -198,5 +198,5 @@ class Failover:
                         await self.resume(ref)
                     continue
             call_id, session_id = split_ref(ref)
-            if await self.registry.release(node.node_id, call_id, session_id, listed=True):
+            if await self.registry.release(node.node_id, call_id, session_id):
                 log.warning("released a stray admission slot", extra=self._extra(ref))

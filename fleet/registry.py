@@ -82,17 +82,19 @@ class Registry:
         raise AdmissionRejected(result.value, _ADMIT_DETAIL[result])
 
     def _release_call(
-        self, node_id: str, call_id: str, session_id: str, listed: bool
+        self, node_id: str, call_id: str, session_id: str
     ) -> tuple[str, list[str], list[Any]]:
         k = self.keys
         return (
             "release",
             [k.node_sessions(node_id), k.call_counts(), k.live(), k.ended()],
-            [make_ref(call_id, session_id), call_id, self._tombstone_ms, "1" if listed else "0"],
+            [make_ref(call_id, session_id), call_id, self._tombstone_ms],
         )
 
-    async def release(self, node_id: str, call_id: str, session_id: str, listed: bool) -> bool:
-        return bool(await self.scripts(*self._release_call(node_id, call_id, session_id, listed)))
+    async def release(self, node_id: str, call_id: str, session_id: str) -> bool:
+        """Free a session's slot, once; the session is listed as ended (a listing drops it
+        when it has no tombstone)."""
+        return bool(await self.scripts(*self._release_call(node_id, call_id, session_id)))
 
     async def reassert_slot(
         self, node_id: str, call_id: str, session_id: str, start: float
@@ -190,7 +192,7 @@ class Registry:
             )
         ]
         if release_from != "":
-            calls.append(self._release_call(release_from or owner, c, sid, listed=True))
+            calls.append(self._release_call(release_from or owner, c, sid))
         results = await self.scripts.run_pipeline(calls)
         return EndResult(int(results[0]))
 

@@ -65,8 +65,8 @@ async def test_concurrent_admissions_never_exceed_a_limit(
     assert set(results) == {"ok", code}
     # Releasing one frees exactly one slot; releasing twice frees nothing more.
     admitted = [f"s{i}" for i, r in enumerate(results) if r == "ok"]
-    assert await reg.release("n1", "call", admitted[0], listed=True)
-    assert not await reg.release("n1", "call", admitted[0], listed=True)
+    assert await reg.release("n1", "call", admitted[0])
+    assert not await reg.release("n1", "call", admitted[0])
     assert (await asyncio.gather(*(one(i) for i in range(100, 110)))).count("ok") == 1
 
 
@@ -76,7 +76,7 @@ async def test_release_leaves_no_counter_behind(
     reg = await registry(redis, make_settings)
     await reg.heartbeat("n1", {})
     await reg.admit("n1", "c", "s1")
-    await reg.release("n1", "c", "s1", listed=False)
+    await reg.release("n1", "c", "s1")
     k = reg.keys
     assert await redis.hgetall(k.call_counts()) == {}
     assert await redis.zcard(k.live()) == 0 and await redis.scard(k.node_sessions("n1")) == 0

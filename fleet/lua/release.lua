@@ -4,7 +4,6 @@
 -- KEYS[3] live            ZSET ref -> start time (ms)
 -- KEYS[4] ended           ZSET ref -> end time (ms)
 -- ARGV[1] ref   ARGV[2] call_id   ARGV[3] tombstone TTL (ms)
--- ARGV[4] '1' to list the session as ended (it has a tombstone), '0' when it never started
 -- Returns 1 if the slot was held and is now free, 0 if it was not held.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -16,8 +15,6 @@ if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then
   redis.call('HDEL', KEYS[2], ARGV[2])
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
-if ARGV[4] == '1' then
-  redis.call('ZADD', KEYS[4], now, ARGV[1])
-end
+redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[3]))
 return 1
