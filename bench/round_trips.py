@@ -18,7 +18,10 @@ window of the same length are subtracted. Lease renewals and connection health c
 
 Memory: ``INFO memory`` ``used_memory`` before and after starting 10,000 more idle
 sessions on A (each on its own call, as one session per phone call would be), divided by
-10,000; ``MEMORY USAGE`` of one session's keys shows where it goes.
+10,000; ``MEMORY USAGE`` of one session's keys shows where it goes. A quiet session has no
+event stream (``session_started`` is not stored); what its first event adds is measured
+too, by appending one tick-sized entry to each of their streams, with Redis' default
+``stream-node-max-bytes`` (4096) and again with 1024.
 """
 
 from __future__ import annotations
@@ -382,9 +385,12 @@ def memory(fleet: Any, a: Any, count: int) -> dict[str, Any]:
     call, sid = started[0]
     usage = {
         "session record (HASH)": r.memory_usage(keys.session(call, sid), samples=0),
-        "event stream, 1 entry (STREAM)": r.memory_usage(keys.events(call, sid), samples=0),
+        "event stream (none until the first event)": (
+            r.memory_usage(keys.events(call, sid), samples=0) or 0
+        ),
         "the call's live index, 1 entry (ZSET)": r.memory_usage(keys.call_live(call), samples=0),
     }
+    first_event = {size: _first_event_bytes(r, keys, started, size) for size in (4096, 1024)}
     globals_ = {
         "node's slot set (SET)": keys.node_sessions(a.name),
         "fleet-wide live index (ZSET)": keys.live(),
@@ -400,7 +406,30 @@ def memory(fleet: Any, a: Any, count: int) -> dict[str, Any]:
         "usage": usage,
         "global": global_bytes,
         "global_total": sum(global_bytes.values()),
+        "first_event": first_event,
     }
+
+
+def _first_event_bytes(r: Any, keys: Any, started: list[tuple[str, str]], node_bytes: int) -> float:
+    """``used_memory`` per session that one tick-sized event adds (its stream's first
+    entry) with ``stream-node-max-bytes`` at ``node_bytes``; the streams are then dropped and
+    the setting put back."""
+    default = r.config_get("stream-node-max-bytes")["stream-node-max-bytes"]
+    streams = [keys.events(call, sid) for call, sid in started]
+    r.config_set("stream-node-max-bytes", node_bytes)
+    try:
+        before = int(r.info("memory")["used_memory"])
+        for chunk in range(0, len(streams), 1000):
+            pipe = r.pipeline(transaction=False)
+            for key in streams[chunk : chunk + 1000]:
+                pipe.xadd(key, {"type": "tick", "data": '{"n":1}'}, maxlen=1000, approximate=True)
+            pipe.execute()
+        after = int(r.info("memory")["used_memory"])
+        for chunk in range(0, len(streams), 1000):
+            r.delete(*streams[chunk : chunk + 1000])
+    finally:
+        r.config_set("stream-node-max-bytes", default)
+    return (after - before) / max(1, len(streams))
 
 
 def run(opts: common.Options) -> common.Report:
@@ -564,12 +593,22 @@ def report(
         f"{mem['seconds']:.1f} s through the proxy). One session's keys (`MEMORY USAGE`):",
         "",
         *common.table(["key", "bytes"], usage_rows),
+        "",
+        "The first event a session emits creates its stream: "
+        + "; ".join(
+            f"{per:,.0f} B more per session with `stream-node-max-bytes {size}`"
+            + (" (Redis' default)" if size == 4096 else "")
+            for size, per in mem["first_event"].items()
+        )
+        + ". Redis preallocates a new stream's first node up to that size (at most 4 KB); "
+        "see docs/redis.md.",
     ]
     notes = [
         "Round trips are counted on each node's own connections, so a node's share is "
         "separate from the other's; *asked* is the node that got the HTTP request, *owner* "
-        "the node that runs the session. The owner's part of a close (the "
-        "`session_closing` event, `end_session` + `release` in one pipeline, the 'ended' "
+        "the node that runs the session. The node asked writes the close flag and "
+        "`session_closing` and tells the owner in one script; the owner's part "
+        "(`end_session` + `release` in one pipeline, `end_session` publishing the 'ended' "
         "notice to the asking node) runs after the asking node has answered 202, unless "
         "the request waits.",
         f"Left out as background: lease renewals and health-check `PING`s ({background} "

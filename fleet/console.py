@@ -12,6 +12,8 @@ from fleet.keys import make_ref
 from fleet.node import Node
 from fleet.settings import Settings
 
+READY_TIMEOUT = 10.0  # seconds; past it the start says why the node is not ready
+
 
 async def run_one(settings: Settings, call_id: str, params: dict[str, Any]) -> int:
     node = Node(settings)
@@ -21,29 +23,38 @@ async def run_one(settings: Settings, call_id: str, params: dict[str, Any]) -> i
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        await _until_ready(node)
         record = await node.start_session(call_id, "default", params)
         print(
             f"session {record.session_id} running on {node.node_id} (Ctrl-C to close)",
             file=sys.stderr,
         )
         session = node.sessions[make_ref(call_id, record.session_id)]
-        last = "0-0"
-        done = asyncio.create_task(session.done.wait())
         stopping = asyncio.create_task(stop.wait())
-        while True:
-            events = await node.registry.read_events(call_id, record.session_id, last, 200)
-            for entry_id, type_, data in events:
-                last = entry_id
-                print(
-                    json.dumps({"id": entry_id, "event": type_, "data": json.loads(data)}),
-                    flush=True,
-                )
-                if type_ == "session_ended":
-                    failed = session.final is not None and session.final.end_reason == "failed"
-                    return 1 if failed else 0
-            if stopping.done() and not session.closing:
-                await node.close_session(call_id, record.session_id)
-            if done.done() and not events:
-                return 0
+        with node.events.listen(
+            call_id, record.session_id, started_at=record.started_at
+        ) as listener:
+            while not listener.done:
+                event = await listener.next(0.2)
+                if event is not None:
+                    print(
+                        json.dumps(
+                            {"id": event.id, "event": event.type, "data": json.loads(event.data)}
+                        ),
+                        flush=True,
+                    )
+                if stopping.done() and not session.closing:
+                    await node.close_session(call_id, record.session_id)
+        failed = session.final is not None and session.final.end_reason == "failed"
+        return 1 if failed else 0
     finally:
         await node.stop()
+
+
+async def _until_ready(node: Node, timeout: float = READY_TIMEOUT) -> None:
+    """Start-up subscribes to the control channel in the background: wait for it (and the
+    lease), so that the start below is not refused as not ready."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not node.readiness()[0] and loop.time() < deadline:
+        await asyncio.sleep(0.01)

@@ -8,6 +8,10 @@ that has a listener here (each from the last id it read) and hands the entries t
 per-listener buffers. When a stream gains its first listener (or the node loses its last
 one) the blocking read is interrupted with ``CLIENT UNBLOCK`` from the regular pool.
 
+``session_started`` is not stored: a session that never emits costs no stream at all (a
+Redis stream takes about 4 KB from its first entry). Every listener is handed it first,
+made from the session record, with the id ``0-1``, which sorts before any stored entry.
+
 A listener never misses or repeats an event, whatever its speed:
 
 * it reads its backlog from Redis first (``XREAD`` without ``BLOCK``, from its own
@@ -45,7 +49,8 @@ log = logging.getLogger("fleet.events")
 EVENT_ID_PATTERN = r"^\d+-\d+$"
 _EVENT_ID = re.compile(EVENT_ID_PATTERN)
 START = "0-0"  # before the first entry of any stream
-ENDED = "session_ended"
+STARTED_ID = "0-1"  # session_started's id: after START, before any stored entry
+STARTED, ENDED = "session_started", "session_ended"
 REDIS_ERRORS = (RedisError, OSError)
 
 BUFFER_SIZE = 256  # live entries a listener may hold before it falls back to Redis
@@ -113,7 +118,13 @@ class Listener:
     """
 
     def __init__(
-        self, hub: EventDispatcher, call_id: str, session_id: str, after: str, replay_only: bool
+        self,
+        hub: EventDispatcher,
+        call_id: str,
+        session_id: str,
+        after: str,
+        replay_only: bool,
+        started_at: float | None,
     ) -> None:
         self._hub = hub
         self.call_id = call_id
@@ -122,6 +133,8 @@ class Listener:
         self.last = after  # id of the last event handed out
         self._last = id_order(after)
         self._backlog: deque[Event] = deque()  # read from Redis, handed out first
+        if started_at is not None and self._last < id_order(STARTED_ID):
+            self._backlog.append(started_event(started_at))
         self._live: deque[Event] = deque()  # from the fan-out
         self._behind = True  # read Redis before taking from the fan-out
         self._joined = False
@@ -324,11 +337,18 @@ class EventDispatcher:
 
     @contextlib.contextmanager
     def listen(
-        self, call_id: str, session_id: str, after: str = START, *, replay_only: bool = False
+        self,
+        call_id: str,
+        session_id: str,
+        after: str = START,
+        *,
+        replay_only: bool = False,
+        started_at: float | None = None,
     ) -> Iterator[Listener]:
-        """A listener for events after ``after``; with ``replay_only`` (an ended session)
-        it hands out what the stream holds and is then done. Leaving the block frees it."""
-        listener = Listener(self, call_id, session_id, after, replay_only)
+        """A listener for events after ``after``, beginning with ``session_started`` when
+        ``started_at`` (the record's) is given; with ``replay_only`` (an ended session) it
+        hands out what the stream holds and is then done. Leaving the block frees it."""
+        listener = Listener(self, call_id, session_id, after, replay_only, started_at)
         self._open.add(listener)
         metrics.EVENT_LISTENERS.inc()
         try:
@@ -476,6 +496,11 @@ class EventDispatcher:
             return
         with contextlib.suppress(*REDIS_ERRORS):
             await conn.disconnect()
+
+
+def started_event(started_at: float) -> Event:
+    """``session_started``, made from the record rather than stored."""
+    return Event(STARTED_ID, STARTED, json.dumps({"started_at": started_at}))
 
 
 def _event(entry_id: str, fields: Any) -> Event:

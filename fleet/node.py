@@ -230,10 +230,8 @@ class Node:
                 metrics.ADMISSION_REJECTED.labels(exc.code).inc()
                 raise
             try:
-                state = await self.registry.create_running(
-                    record, {"node_id": self.node_id, "epoch": record.epoch}
-                )
-                if state != State.RUNNING:  # a new record cannot be fenced: Redis lost it
+                if not await self.registry.create_running(record):
+                    # Only a record already under this random id could refuse it.
                     raise NotAccepting("not_ready", "the session record could not be written")
             except BaseException:
                 # The write may have happened even though its answer was lost: end the
@@ -241,7 +239,6 @@ class Node:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self.registry.end(record, EndReason.FAILED.value, error="start")
                 raise
-            record.state = State.RUNNING
             session = LocalSession(self, record, worker, running=True)
             self.sessions[ref] = session
             self.count_state(State.RUNNING, +1)
@@ -260,12 +257,14 @@ class Node:
         session.record.state = State.STARTING
         session.start()
         if session.record.close_reason:
-            session.request_close(CloseReason.CLOSED)
+            session.request_close(CloseReason.CLOSED, recorded=True)
 
     async def close_session(
-        self, call_id: str, session_id: str, wait: float | None = None
+        self, call_id: str, session_id: str, wait: float | None = None, *, principal: str = ""
     ) -> SessionRecord | None:
-        """Ask the owner, wherever it runs, to close the session.
+        """Ask the owner, wherever it runs, to close the session: one round trip here, and
+        the owner's end is one more. With ``principal``, another principal's session is
+        not found.
 
         Returns the ended record when the session has ended (at once, or within ``wait``
         seconds), ``None`` while it is still closing. Raises SessionNotFound.
@@ -277,16 +276,21 @@ class Node:
             self._end_waiters.setdefault(ref, []).append(waiter)
         try:
             message = Message("close", ref, CloseReason.CLOSED.value, self.node_id)
-            status, owner = await self.registry.request_close(
-                call_id, session_id, CloseReason.CLOSED.value, message.encode()
+            status, owner, ended = await self.registry.request_close(
+                call_id,
+                session_id,
+                CloseReason.CLOSED.value,
+                message.encode(),
+                asker=self.node_id,
+                principal=principal,
             )
             if status == "missing":
                 raise SessionNotFound(f"no session {session_id} in call {call_id}")
             if status == "ended":
-                return await self.registry.get(call_id, session_id)
+                return ended
             local = self.sessions.get(ref)
             if owner == self.node_id and local is not None:
-                local.request_close(CloseReason.CLOSED)
+                local.request_close(CloseReason.CLOSED, recorded=True)
             if waiter is None or wait is None:
                 return None
             return await self._await_end(call_id, session_id, waiter, wait)
@@ -332,8 +336,12 @@ class Node:
             )
         elif reason is EndReason.NODE_SHUTDOWN and await self._hand_off(session):
             moved = True
-        else:
-            await self._write_end(record, reason, error)
+        replies = session.reply_to - {self.node_id}
+        if not moved:
+            # Whoever waits for this end is told in the same round trip as the end.
+            await self._write_end(record, reason, error, replies)
+        elif replies:
+            self.spawn(self._publish_ended(session.ref, replies))
         self.sessions.pop(session.ref, None)
         self.count_state(record.state, -1)
         record.state = State.ENDED
@@ -343,9 +351,6 @@ class Node:
         if session.close_requested_at is not None:
             metrics.SESSION_CLOSE_SECONDS.observe(time.monotonic() - session.close_requested_at)
         self._wake_waiters(session.ref)
-        replies = session.reply_to - {self.node_id}
-        if replies:
-            self.spawn(self._publish_ended(session.ref, replies))
         log.info("session ended (%s)", reason.value, extra=session.log_extra)
 
     async def _hand_off(self, session: LocalSession) -> bool:
@@ -361,10 +366,13 @@ class Node:
             )
             return False
 
-    async def _write_end(self, record: SessionRecord, reason: EndReason, error: str) -> None:
+    async def _write_end(
+        self, record: SessionRecord, reason: EndReason, error: str, replies: set[str]
+    ) -> None:
         ref = make_ref(record.call_id, record.session_id)
+        notify = (Message("ended", ref).encode(), replies) if replies else ("", ())
         try:
-            result = await self.registry.end(record, reason.value, error=error)
+            result = await self.registry.end(record, reason.value, error=error, notify=notify)
         except REDIS_ERRORS:
             # Written by the maintenance pass once Redis answers (still fenced by epoch).
             self._unwritten_ends[ref] = (record, reason, error)
@@ -422,7 +430,8 @@ class Node:
             reason = CloseReason(message.reason)
         except ValueError:
             reason = CloseReason.CLOSED
-        session.request_close(reason)
+        # The asker's request_close wrote the flag and session_closing already.
+        session.request_close(reason, recorded=True)
 
     async def _on_subscribed(self) -> None:
         self._set_ready_gauge()
@@ -550,10 +559,11 @@ class Node:
                 elif code == "moved":
                     session.lose("moved")
                 elif code == "close" and not session.closing:
+                    # A flag only request_close sets, which wrote session_closing too.
                     try:
-                        session.request_close(CloseReason(detail))
+                        session.request_close(CloseReason(detail), recorded=True)
                     except ValueError:
-                        session.request_close(CloseReason.CLOSED)
+                        session.request_close(CloseReason.CLOSED, recorded=True)
             if slot_count != len(local) or self._strays:
                 await self._check_slots(local)
 

@@ -136,13 +136,12 @@ class Registry:
         """Write a new record, or write back one Redis lost. Never overwrites."""
         return bool(await self.scripts(*self._create_call(record)))
 
-    async def create_running(self, record: SessionRecord, data: Any) -> str:
-        """Write a new session's record and mark it running with ``session_started``, in one
-        round trip. Returns the state (``running``), or ``lease_lost``."""
-        results = await self.scripts.run_pipeline(
-            [self._create_call(record), self._mark_running_call(record, "session_started", data)]
-        )
-        return str(results[1])
+    async def create_running(self, record: SessionRecord) -> bool:
+        """Write a new session's record as running. Its stream starts empty: the
+        ``session_started`` event is made from the record (``fleet/events.py``), so a
+        session that emits nothing costs no stream. False if a record was there."""
+        record.state = State.RUNNING
+        return await self.create(record)
 
     async def mark_running(self, record: SessionRecord, event: str, data: Any) -> str:
         """starting -> running for this owner and epoch, emitting the lifecycle ``event``
@@ -158,14 +157,17 @@ class Registry:
         owner: str | None = None,
         any_epoch: bool = False,
         release_from: str | None = None,
+        notify: tuple[str, Iterable[str]] = ("", ()),
     ) -> EndResult:
         """End a session (fenced by owner and epoch, emitting ``session_ended``) and release
         its slot, in one round trip.
 
         ``owner`` defaults to the record's node; the reaper passes the dead node with
         ``any_epoch``. ``release_from`` names the node whose slot to free (default: the
-        owner; ``""`` for none).
+        owner; ``""`` for none). ``notify``: a message and the nodes to publish it to once
+        the session is ended (now or before), in the same step.
         """
+        message, nodes = notify
         k = self.keys
         c, sid = record.call_id, record.session_id
         owner = owner or record.node_id
@@ -188,6 +190,8 @@ class Registry:
                     error,
                     self._settings.events_maxlen,
                     _json({"end_reason": reason}),
+                    message,
+                    *(k.node_channel(node) for node in nodes),
                 ],
             )
         ]
@@ -339,16 +343,41 @@ class Registry:
 
     # -- close --------------------------------------------------------------------------
     async def request_close(
-        self, call_id: str, session_id: str, reason: str, message: str
-    ) -> tuple[str, str]:
-        """Set the close flag and publish ``message`` to the owner. Returns (status, owner)
-        with status ``missing``, ``ended`` or ``closing``."""
-        status, owner = await self.scripts(
+        self,
+        call_id: str,
+        session_id: str,
+        reason: str,
+        message: str,
+        *,
+        asker: str = "",
+        principal: str = "",
+    ) -> tuple[str, str, SessionRecord | None]:
+        """Set the close flag, write ``session_closing`` and publish ``message`` to the
+        owner (unless the owner is ``asker``), in one round trip. With ``principal``, a
+        session someone else started counts as missing. Returns (status, owner, record):
+        status ``missing``, ``closing`` or ``ended`` (then with the ended record)."""
+        c, sid = call_id, session_id
+        status, *rest = await self.scripts(
             "request_close",
-            [self.keys.session(call_id, session_id)],
-            [reason, repr(time.time()), self.keys.node_channel_prefix(), message],
+            [self.keys.session(c, sid), self.keys.events(c, sid)],
+            [
+                reason,
+                repr(time.time()),
+                self.keys.node_channel_prefix(),
+                message,
+                asker,
+                principal,
+                self._settings.events_maxlen,
+                _json({"reason": reason}),
+            ],
         )
-        return str(status), str(owner)
+        if status == "missing":
+            return "missing", "", None
+        owner, fields = str(rest[0]), rest[1:]
+        record = None
+        if status == "ended":
+            record = SessionRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
+        return str(status), owner, record
 
     async def watch(
         self, node_id: str, sessions: list[tuple[str, int]]

@@ -53,8 +53,7 @@ class LocalSession:
         resumed: bool = False,
         running: bool = False,
     ) -> None:
-        """``running``: the record was already marked running (a new session's record is
-        written running, with ``session_started``, in the same round trip)."""
+        """``running``: the record was already written running (a new session's is)."""
         self.node = node
         self.record = record
         self.ref = make_ref(record.call_id, record.session_id)
@@ -155,8 +154,12 @@ class LocalSession:
     def closing(self) -> bool:
         return self.ctx.closing.is_set()
 
-    def request_close(self, reason: CloseReason, grace: float | None = None) -> None:
-        """Ask the worker to stop; cancel it if it has not returned after the grace."""
+    def request_close(
+        self, reason: CloseReason, grace: float | None = None, *, recorded: bool = False
+    ) -> None:
+        """Ask the worker to stop; cancel it if it has not returned after the grace.
+        ``recorded``: the close came through Redis (``request_close.lua``), which has
+        written ``session_closing`` already; otherwise this node emits it."""
         if self.closing or self.done.is_set():
             return
         self.close_requested_at = time.monotonic()
@@ -169,7 +172,7 @@ class LocalSession:
             self.node.count_state(State.CLOSING, +1)
         grace = self.node.settings.close_grace if grace is None else grace
         self._cancel_timer = asyncio.get_running_loop().call_later(grace, self._cancel)
-        if reason is not CloseReason.HANDOFF:
+        if reason is not CloseReason.HANDOFF and not recorded:
             self._closing_event = self.node.spawn(
                 self.emit("session_closing", {"reason": reason.value})
             )

@@ -270,3 +270,47 @@ def test_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> N
 def test_namespace_for_ops_commands_has_client_command() -> None:
     args = cli.build_parser().parse_args(["nodes"])
     assert isinstance(args, argparse.Namespace) and args.client_command is cli_ops.cmd_nodes
+
+
+# ---- fleet run: one session in the console --------------------------------------------------
+
+
+def _fleet_run(params: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_CLOSE_GRACE="2")
+    return subprocess.Popen(
+        [sys.executable, "-m", "fleet", "run", "--params", params],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_run_prints_every_event_and_exits_when_the_session_ends() -> None:
+    proc = _fleet_run('{"interval": 0.05, "limit": 3}')
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["event"] for e in events] == [
+        "session_started",
+        "tick",
+        "tick",
+        "tick",
+        "session_ended",
+    ]
+    assert [e["data"] for e in events[1:4]] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert events[-1]["data"] == {"end_reason": "completed"}
+
+
+def test_run_closes_the_session_on_ctrl_c() -> None:
+    proc = _fleet_run('{"interval": 60}')
+    assert proc.stdout is not None
+    first = json.loads(proc.stdout.readline())  # the session runs
+    assert first["event"] == "session_started"
+    proc.send_signal(2)  # SIGINT
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["event"] for e in events] == ["session_closing", "session_ended"]
+    assert events[-1]["data"] == {"end_reason": "closed"}

@@ -177,6 +177,25 @@ async def test_last_event_id_gets_exactly_the_missed_events(served: Served) -> N
     assert both == everything[10:]
 
 
+async def test_a_quiet_session_has_no_stream_but_listeners_get_session_started(
+    served: Served,
+) -> None:
+    sid = await served.start(interval=3600)
+    key = served.node.registry.keys.events("demo", sid)
+    assert await served.node.redis.exists(key) == 0  # no stream: no memory for it
+    path = f"/calls/demo/sessions/{sid}/events"
+    [started] = await sse(served.http, path, upto=1)
+    info = (await served.http.get(f"/calls/demo/sessions/{sid}")).json()
+    assert started["id"] == "0-1" and started["event"] == "session_started"
+    assert json.loads(started["data"]) == {"started_at": info["session_started_at"]}
+    # It sorts before every stored event, and resuming after it skips it.
+    await served.http.delete(f"/calls/demo/sessions/{sid}", params={"wait": 5})
+    rest = await sse(served.http, path, headers={"Last-Event-ID": "0-1"})
+    assert [e["event"] for e in rest] == ["session_closing", "session_ended"]
+    assert all(order(e["id"]) > (0, 1) for e in rest)
+    assert await sse(served.http, path) == [started, *rest]
+
+
 async def test_ended_session_replays_what_is_left_then_ends(served: Served) -> None:
     sid = await served.start(interval=0.01, limit=2)
     path = f"/calls/demo/sessions/{sid}/events"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -108,28 +109,98 @@ async def test_end_is_fenced_by_owner_and_epoch(
     assert await redis.scard(reg.keys.node_sessions("n1")) == 0
 
 
-async def test_close_sets_flag_and_publishes_to_owner(
+async def _next_message(pubsub: Any) -> Any:
+    for _ in range(50):
+        message = await pubsub.get_message(timeout=0.1)
+        if message:
+            return message
+    return None
+
+
+async def test_close_sets_flag_writes_closing_and_publishes_to_owner(
     redis: Redis, make_settings: SettingsFactory
 ) -> None:
     reg = await registry(redis, make_settings)
-    assert await reg.request_close("c", "nope", "closed", "m") == ("missing", "")
+    assert await reg.request_close("c", "nope", "closed", "m") == ("missing", "", None)
     await reg.heartbeat("n1", {})
     await reg.admit("n1", "c", "s1")
     await reg.create(record("c", "s1", "n1"))
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(reg.keys.node_channel("n1"))
-    assert await reg.request_close("c", "s1", "closed", "hello") == ("closing", "n1")
-    message = None
-    for _ in range(50):
-        message = await pubsub.get_message(timeout=0.1)
-        if message:
-            break
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert await reg.request_close("c", "s1", "closed", "hello", asker="n2") == (
+        "closing",
+        "n1",
+        None,
+    )
+    message = await _next_message(pubsub)
     assert message is not None and message["data"] == "hello"
+    # A second request changes nothing but tells the owner again.
+    assert (await reg.request_close("c", "s1", "idle", "again", asker="n2"))[0] == "closing"
+    assert (await _next_message(pubsub))["data"] == "again"
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
     count, attention = await reg.watch("n1", [(make_ref("c", "s1"), 1)])
     assert count == 1 and attention == [(0, "close", "closed")]
     got = await reg.get("c", "s1")
-    assert got is not None and got.state == "closing"
+    assert got is not None and got.state == "closing" and got.close_reason == "closed"
+    # session_closing is in the stream once, with the first request's reason.
+    events = await reg.read_events("c", "s1", "0-0", None)
+    assert [(kind, data) for _, kind, data in events] == [
+        ("session_closing", '{"reason":"closed"}')
+    ]
+
+
+async def test_close_asked_by_the_owner_publishes_nothing(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings)
+    await reg.create(record("c", "s1", "n1"))
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(reg.keys.node_channel("n1"))
+    assert (await reg.request_close("c", "s1", "closed", "m", asker="n1"))[:2] == (
+        "closing",
+        "n1",
+    )
+    assert await pubsub.get_message(timeout=0.3) is None
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_close_scoped_to_a_principal_sees_only_its_sessions(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings)
+    mine = record("c", "s1", "n1")
+    mine.principal = "alice"
+    await reg.create(mine)
+    assert await reg.request_close("c", "s1", "closed", "m", principal="bob") == (
+        "missing",
+        "",
+        None,
+    )
+    got = await reg.get("c", "s1")
+    assert got is not None and got.state != "closing" and got.close_reason is None
+    assert not await reg.read_events("c", "s1", "0-0", None)
+    status, owner, _ = await reg.request_close("c", "s1", "closed", "m", principal="alice")
+    assert (status, owner) == ("closing", "n1")
+
+
+async def test_close_of_an_ended_session_returns_its_record(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings)
+    await reg.heartbeat("n1", {})
+    await reg.admit("n1", "c", "s1")
+    rec = record("c", "s1", "n1")
+    await reg.create(rec)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(reg.keys.node_channel("n2"), reg.keys.node_channel("n3"))
+    assert await reg.end(rec, "closed", notify=("ended!", {"n2", "n3"})) is EndResult.ENDED
+    # The nodes waiting for the end are told in the same step.
+    got = {(await _next_message(pubsub))["channel"] for _ in range(2)}
+    assert got == {reg.keys.node_channel("n2"), reg.keys.node_channel("n3")}
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    status, owner, ended = await reg.request_close("c", "s1", "closed", "m")
+    assert (status, owner) == ("ended", "n1")
+    assert ended is not None and ended.session_id == "s1" and ended.end_reason == "closed"
 
 
 async def test_watch_reports_only_what_needs_attention(

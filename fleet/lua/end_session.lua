@@ -8,12 +8,20 @@
 -- ARGV[3] end_reason      ARGV[4] ended_at (unix seconds)   ARGV[5] tombstone TTL (s)
 -- ARGV[6] error summary ('' = none)   ARGV[7] stream max length (approximate)
 -- ARGV[8] session_ended event data (JSON)
+-- ARGV[9] a message for the nodes that wait for this end ('' = none)
+-- ARGV[10..] their channels (a channel is not a key: Cluster is unaffected)
 -- Returns 1 ended now, 0 no such session, 2 already ended, -1 fenced (owner moved on).
 local rec = redis.call('HMGET', KEYS[1], 'node_id', 'epoch', 'state', 'session_id')
 if not rec[1] then
   return 0
 end
+local function notify()
+  for i = 10, #ARGV do
+    redis.call('PUBLISH', ARGV[i], ARGV[9])
+  end
+end
 if rec[3] == 'ended' then
+  notify()
   return 2
 end
 if rec[1] ~= ARGV[1] or (ARGV[2] ~= '' and rec[2] ~= ARGV[2]) then
@@ -38,4 +46,5 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - ttl * 1000)
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('EXPIRE', KEYS[3], ttl)
 end
+notify()
 return 1

@@ -97,6 +97,7 @@ class EventStream(Response):
             record.session_id,
             self._after,
             replay_only=record.state == State.ENDED,
+            started_at=record.started_at,
         ) as listener:
             while not listener.done:
                 event = await listener.next(KEEPALIVE_SECONDS)
@@ -188,7 +189,11 @@ async def session_socket(
         return
     lock = asyncio.Lock()  # both tasks send
     with node.events.listen(
-        call_id, session_id, after or START, replay_only=record.state == State.ENDED
+        call_id,
+        session_id,
+        after or START,
+        replay_only=record.state == State.ENDED,
+        started_at=record.started_at,
     ) as listener:
         sender = asyncio.create_task(_send_events(websocket, listener, lock))
         receiver = asyncio.create_task(_receive(websocket, node, call_id, session_id, lock))

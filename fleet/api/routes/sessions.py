@@ -8,7 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from fleet.api.auth import CanClose, CanReadMetrics, CanStart, CanView, RecordCheck
+from fleet.api.auth import (
+    CanClose,
+    CanReadMetrics,
+    CanStart,
+    CanView,
+    OwnedBy,
+    RecordCheck,
+)
 from fleet.api.deps import CallId, NodeDep, SessionId
 from fleet.api.limits import check_params
 from fleet.errors import SessionNotFound
@@ -109,8 +116,13 @@ async def _close(
     wait: float | None,
     response: Response,
 ) -> SessionInfo | CloseAccepted:
-    await _visible(node, call_id, session_id, allowed)
-    record = await node.close_session(call_id, session_id, wait=wait)
+    if isinstance(allowed, OwnedBy):
+        # The ownership rule goes with the close request itself: one round trip.
+        scope = allowed.scope
+    else:
+        await _visible(node, call_id, session_id, allowed)  # a custom hook sees the record
+        scope = ""
+    record = await node.close_session(call_id, session_id, wait=wait, principal=scope)
     if record is None:
         response.status_code = 202
         return CloseAccepted()
