@@ -13,7 +13,15 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from fleet.api import create_app
-from fleet.api.auth import Principal, RecordCheck, TokenTable, view_permission
+from fleet.api.auth import (
+    Principal,
+    PrincipalDep,
+    RecordCheck,
+    TokenTable,
+    close_permission,
+    owns,
+    view_permission,
+)
 from fleet.models import SessionRecord
 from fleet.node import Node
 from tests.api.test_sessions import wait_state
@@ -142,6 +150,40 @@ async def test_permission_hooks_can_be_replaced(
             sid = await _start(client, ALICE)
             resp = await client.get(f"/calls/c/sessions/{sid}", headers=auth(ALICE))
             assert resp.status_code == 404
+
+
+async def test_a_custom_close_hook_decides_on_the_record(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    """A hook of one's own is not the built-in rule: the record is read and the hook's
+    function decides, before anything is closed."""
+    settings = make_settings(api_keys=KEYS)
+    node = Node(settings, redis=redis)
+    app = create_app(settings, node)
+
+    async def bob_closes_calls_named_support(principal: PrincipalDep) -> RecordCheck:
+        def check(record: SessionRecord) -> bool:
+            return owns(principal, record) or (
+                principal.name == "bob" and record.call_id == "support"
+            )
+
+        return check
+
+    app.dependency_overrides[close_permission] = bob_closes_calls_named_support
+    async with app.router.lifespan_context(app):
+        await wait_ready(node)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fleet") as client:
+            other = await _start(client, ALICE, call="c")
+            support = await _start(client, ALICE, call="support")
+            refused = await client.delete(f"/calls/c/sessions/{other}", headers=auth(BOB))
+            assert refused.status_code == 404
+            state = await client.get(f"/calls/c/sessions/{other}", headers=auth(ALICE))
+            assert state.json()["state"] == "running"
+            closed = await client.delete(
+                f"/calls/support/sessions/{support}", headers=auth(BOB), params={"wait": 5}
+            )
+            assert closed.status_code == 200 and closed.json()["end_reason"] == "closed"
 
 
 async def test_params_limits(client: httpx.AsyncClient) -> None:
