@@ -3,8 +3,8 @@
 Two fleets of one node each, side by side: one with 1,000 sessions in Redis, one with
 100,000; the windows alternate between them, so both sizes see the same machine. In
 each, the looked-up call holds 5 sessions started through HTTP. The other sessions
-(the background) are written straight into Redis with fleet's own scripts (``admit``,
-``create_session`` and ``mark_running``, pipelined, as ``Registry`` runs them), spread
+(the background) are written straight into Redis with fleet's own scripts (``admit`` and
+``create_session`` writing the record as running, pipelined, as ``Registry`` does), spread
 over 1,000 other calls and owned by a made-up node whose lease is held for an hour (so no
 node reaps them). Each run is, at each size, a window of 300 ``GET /calls/{c}/sessions``
 and 300 ``GET /calls/{c}/sessions/{sid}``, interleaved, one at a time over a keep-alive
@@ -71,7 +71,7 @@ class Background:
 
     def _calls(self, i: int) -> list[tuple[str, list[str], list[Any]]]:
         from fleet.keys import make_ref
-        from fleet.models import SessionRecord
+        from fleet.models import SessionRecord, State
 
         k = self.registry.keys
         call_id, session_id = f"bg-{i % BACKGROUND_CALLS}", secrets.token_hex(16)
@@ -81,6 +81,7 @@ class Background:
             call_type="default",
             node_id=FAKE_NODE,
             params={"interval": 3600},
+            state=State.RUNNING,
             started_at=time.time(),
         )
         admit = (
@@ -88,12 +89,7 @@ class Background:
             [k.nodes(), k.node_sessions(FAKE_NODE), k.call_counts(), k.live()],
             [FAKE_NODE, make_ref(call_id, session_id), call_id, -1, -1, -1],
         )
-        data = {"node_id": FAKE_NODE, "epoch": 1}
-        return [
-            admit,
-            self.registry._create_call(record),
-            self.registry._mark_running_call(record, "session_started", data),
-        ]
+        return [admit, self.registry._create_call(record)]
 
     async def fill(self, total: int) -> None:
         began = time.monotonic()
@@ -227,7 +223,7 @@ def report(
         "between them, so both sizes see the same machine. The looked-up call has "
         f"{OWN_SESSIONS} live sessions "
         "started through HTTP; the background sessions are written into Redis with fleet's "
-        "scripts (`admit`, `create_session`, `mark_running`, pipelined) over "
+        "scripts (`admit`, `create_session`, pipelined) over "
         f"{BACKGROUND_CALLS:,} other calls, owned by a made-up node whose lease is held "
         f"for the run. {opts.runs} windows per size of {REQUESTS} list and {REQUESTS} "
         f"single reads, interleaved, one at a time over a keep-alive connection (after "

@@ -59,7 +59,3 @@ class CheckpointTooLarge(FleetError):
 
 class EventTooLarge(FleetError):
     code = "event_too_large"
-
-
-class EventsUnavailable(FleetError):
-    code = "events_unavailable"

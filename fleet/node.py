@@ -29,6 +29,7 @@ from fleet.errors import (
     SessionNotFound,
 )
 from fleet.events import EventDispatcher
+from fleet.events_cluster import AnnouncedDispatcher
 from fleet.failover import Failover, Targets
 from fleet.keys import make_ref
 from fleet.models import CloseReason, EndReason, SessionRecord, State
@@ -83,7 +84,8 @@ class Node:
         )
         self._state_counts: dict[str, int] = {s: 0 for s in State if s is not State.ENDED}
         # One reader of session streams for every SSE and WebSocket client on this node.
-        self.events = EventDispatcher(self.registry)
+        dispatcher = AnnouncedDispatcher if self.registry.cluster else EventDispatcher
+        self.events = dispatcher(self.registry)
 
     # -- start-up and shutdown ----------------------------------------------------------
     async def start(self) -> None:

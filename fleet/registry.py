@@ -55,6 +55,11 @@ class Registry:
         self._settings = settings
         self._tombstone_ms = settings.tombstone_ttl * 1000
 
+    def _announce(self, call_id: str, session_id: str) -> str:
+        """The channel a stream write is announced on: only on Cluster, where nodes cannot
+        block on all their streams in one read (``fleet/events_cluster.py``)."""
+        return self.keys.events_channel(call_id, session_id) if self.cluster else ""
+
     async def load(self) -> None:
         await self.scripts.load()
 
@@ -129,7 +134,14 @@ class Registry:
         return (
             "mark_running",
             [self.keys.session(c, sid), self.keys.events(c, sid)],
-            [record.node_id, record.epoch, self._settings.events_maxlen, event, _json(data)],
+            [
+                record.node_id,
+                record.epoch,
+                self._settings.events_maxlen,
+                event,
+                _json(data),
+                self._announce(c, sid),
+            ],
         )
 
     async def create(self, record: SessionRecord) -> bool:
@@ -190,6 +202,7 @@ class Registry:
                     error,
                     self._settings.events_maxlen,
                     _json({"end_reason": reason}),
+                    self._announce(c, sid),
                     message,
                     *(k.node_channel(node) for node in nodes),
                 ],
@@ -219,7 +232,14 @@ class Registry:
         result = await self.scripts(
             "emit",
             [self.keys.session(c, sid), self.keys.events(c, sid)],
-            [record.node_id, record.epoch, self._settings.events_maxlen, type, data_json],
+            [
+                record.node_id,
+                record.epoch,
+                self._settings.events_maxlen,
+                type,
+                data_json,
+                self._announce(c, sid),
+            ],
         )
         return result if isinstance(result, int) else str(result)
 
@@ -369,6 +389,7 @@ class Registry:
                 principal,
                 self._settings.events_maxlen,
                 _json({"reason": reason}),
+                self._announce(c, sid),
             ],
         )
         if status == "missing":

@@ -24,7 +24,6 @@ STATUS: dict[type[errors.FleetError], int] = {
     errors.NotAccepting: 503,
     errors.InvalidParams: 422,
     errors.CheckpointTooLarge: 413,
-    errors.EventsUnavailable: 501,
     Unauthorized: 401,
     Forbidden: 403,
 }

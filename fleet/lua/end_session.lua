@@ -8,16 +8,17 @@
 -- ARGV[3] end_reason      ARGV[4] ended_at (unix seconds)   ARGV[5] tombstone TTL (s)
 -- ARGV[6] error summary ('' = none)   ARGV[7] stream max length (approximate)
 -- ARGV[8] session_ended event data (JSON)
--- ARGV[9] a message for the nodes that wait for this end ('' = none)
--- ARGV[10..] their channels (a channel is not a key: Cluster is unaffected)
+-- ARGV[9] the stream's channel, to announce session_ended on ('' = none: see keys.py)
+-- ARGV[10] a message for the nodes that wait for this end ('' = none)
+-- ARGV[11..] their channels (a channel is not a key: Cluster is unaffected)
 -- Returns 1 ended now, 0 no such session, 2 already ended, -1 fenced (owner moved on).
 local rec = redis.call('HMGET', KEYS[1], 'node_id', 'epoch', 'state', 'session_id')
 if not rec[1] then
   return 0
 end
 local function notify()
-  for i = 10, #ARGV do
-    redis.call('PUBLISH', ARGV[i], ARGV[9])
+  for i = 11, #ARGV do
+    redis.call('PUBLISH', ARGV[i], ARGV[10])
   end
 end
 if rec[3] == 'ended' then
@@ -32,7 +33,11 @@ redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_at', ARGV[4], 'end_reason',
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'error', ARGV[6])
 end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'type', 'session_ended', 'data', ARGV[8])
+local id = redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*',
+  'type', 'session_ended', 'data', ARGV[8])
+if ARGV[9] ~= '' then
+  redis.call('PUBLISH', ARGV[9], id)
+end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[4], ttl)
 redis.call('EXPIRE', KEYS[5], ttl)

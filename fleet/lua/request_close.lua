@@ -9,6 +9,7 @@
 -- ARGV[5] the asking node's id: no message when it is the owner (it acts at once itself)
 -- ARGV[6] principal: '' for anyone; else only a session that principal started is seen
 -- ARGV[7] stream max length (approximate)   ARGV[8] session_closing event data (JSON)
+-- ARGV[9] the stream's channel, to announce the entry on ('' = none: see keys.py)
 -- Returns {'missing'}, {'closing', owner} or {'ended', owner, field, value, ...}.
 local rec = redis.call('HMGET', KEYS[1], 'node_id', 'state', 'close_reason', 'principal')
 if not rec[1] or (ARGV[6] ~= '' and rec[4] ~= ARGV[6]) then
@@ -24,8 +25,11 @@ end
 if not rec[3] then
   -- The first request: later ones (another client, a retry) change nothing.
   redis.call('HSET', KEYS[1], 'close_reason', ARGV[1], 'close_requested_at', ARGV[2])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*',
+  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*',
     'type', 'session_closing', 'data', ARGV[8])
+  if ARGV[9] ~= '' then
+    redis.call('PUBLISH', ARGV[9], id)
+  end
 end
 redis.call('HSET', KEYS[1], 'state', 'closing')
 if rec[1] ~= ARGV[5] then

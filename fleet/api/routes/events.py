@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from fleet.api.auth import ANONYMOUS, CanStream, Principal, RecordCheck, TokenTable, owns
 from fleet.api.deps import CallId, NodeDep, SessionId
-from fleet.errors import EventsUnavailable, SessionNotFound
+from fleet.errors import SessionNotFound
 from fleet.events import (
     EVENT_ID_PATTERN,
     REDIS_ERRORS,
@@ -116,12 +116,6 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-CLUSTER_DETAIL = (
-    "live events are not available on Redis Cluster yet (one XREAD cannot span hash "
-    "slots); use a single Redis or Sentinel to follow events"
-)
-
-
 @router.get(
     "/calls/{call_id}/sessions/{session_id}/events",
     status_code=200,
@@ -133,7 +127,6 @@ CLUSTER_DETAIL = (
         },
         404: {"description": "No such session (or its tombstone expired)."},
         422: {"description": "A malformed id, Last-Event-ID or after."},
-        501: {"description": "Not available on Redis Cluster (docs/topologies.md)."},
     },
 )
 async def session_events(
@@ -147,8 +140,6 @@ async def session_events(
     """Server-Sent Events of a session, served by any node. Replays the stream from the
     start (or strictly after ``Last-Event-ID`` / ``after``), then follows it live and ends
     after ``session_ended``."""
-    if node.registry.cluster:
-        raise EventsUnavailable(CLUSTER_DETAIL)
     async with node.events.read_slots:
         record = await _readable(node, call_id, session_id, allowed)  # 404 before streaming
     return EventStream(node, record, last_event_id or after or START)
@@ -172,9 +163,6 @@ async def session_socket(
         return
     if after is not None and not is_event_id(after):
         await websocket.close(WS_INVALID, "after must be an event id like 1700000000000-0")
-        return
-    if node.registry.cluster:
-        await websocket.close(WS_TRY_AGAIN, CLUSTER_DETAIL)
         return
     try:
         async with node.events.read_slots:
