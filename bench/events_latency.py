@@ -129,7 +129,10 @@ async def _listen(port: int, path: str, window: Window, out: list[float]) -> Non
                 at = frame.find(b"\ndata: ")
                 if at < 0:
                     continue  # a keep-alive comment
-                t = float(json.loads(frame[at + 7 :])["t"])
+                data = json.loads(frame[at + 7 :])
+                if "t" not in data:
+                    continue  # not a ping: session_started, say
+                t = float(data["t"])
                 if window.start <= t < window.end:
                     out.append(now - t)
     finally:
