@@ -207,9 +207,10 @@ def _report(opts: common.Options, runs: list[Run], sessions: int) -> common.Repo
         f"or an error status): {not_ended}; transport errors: {errors}.",
     ]
     notes = [
-        "*client* is everything: the HTTP round trip to B, B's `request_close` script (flag "
-        "+ PUBLISH), A acting on the message (the worker returns; `session_closing` and the "
-        "end are written), A's `ended` message back to B, and B reading the record.",
+        "*client* is everything: the HTTP round trip to B, B's `request_close` script "
+        "(ownership check, flag, `session_closing`, PUBLISH), A acting on the message (the "
+        "worker returns; A's `end_session` writes the end and publishes `ended` to B), and "
+        "B reading the record.",
         "*owner* figures stop at A's `ended_at`, which A stamps just before it writes the "
         "end: the reply path back to the client is not in them. The client, A and B share "
         "one machine's clock. *sent -> ended* uses the minimal client's closes only.",

@@ -13,7 +13,11 @@ subscription (a new stream, or all of them after a reconnect) is followed by a r
 stream; after that, every entry is announced. An announcement says only "there is more",
 so announcements that pile up cost one read.
 
-The channels are classic pub/sub, which Cluster delivers to a subscriber on any shard.
+Each channel is subscribed on the shard that holds its slot, where the script publishes:
+a message that has to cross the cluster bus to reach a subscriber on another shard was
+seen to arrive tens of milliseconds late. The channels are classic pub/sub all the same,
+which a Cluster also forwards to every shard: should a slot move, its announcements still
+arrive (a little later) until the next reconnect subscribes on the new owner.
 """
 
 from __future__ import annotations
@@ -21,15 +25,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from typing import Any
+from typing import Any, cast
 
+from redis.asyncio import RedisCluster
 from redis.asyncio.client import PubSub
 from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
 from fleet.events import REDIS_ERRORS, RETRY_MAX, RETRY_MIN, EventDispatcher
+from fleet.tasks import cancel_and_wait
 
 log = logging.getLogger("fleet.events")
 
+# The slot map can be briefly incomplete (a failover): redis-py says so outside RedisError.
+ERRORS = (*REDIS_ERRORS, RedisClusterException)
 RECEIVE_TIMEOUT = 1.0  # seconds a wait for a message lasts before it is simply renewed
 
 
@@ -38,14 +47,17 @@ class AnnouncedDispatcher(EventDispatcher):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._pubsub: PubSub | None = None
+        self._cluster = cast(RedisCluster, self._redis)
+        self._pubsubs: dict[str, PubSub] = {}  # shard name -> its subscriber connection
+        self._receivers: list[asyncio.Task[None]] = []
         self._channels: dict[str, str] = {}  # channel -> stream key, subscribed or asked
+        self._shard_of: dict[str, str] = {}  # channel -> the shard it is subscribed on
         self._due: set[str] = set()  # stream keys to read
-        self._failure: BaseException | None = None  # what ended the receiver
+        self._failure: BaseException | None = None  # what ended a receiver
 
     @property
     def holds_connection(self) -> bool:
-        return self._pubsub is not None
+        return bool(self._pubsubs)
 
     def _changed(self) -> None:
         self._stale = True
@@ -63,7 +75,7 @@ class AnnouncedDispatcher(EventDispatcher):
             try:
                 await self._follow()
                 backoff = RETRY_MIN
-            except REDIS_ERRORS as exc:
+            except ERRORS as exc:
                 log.warning(
                     "event dispatcher lost Redis (%s); reconnecting in %.2fs",
                     type(exc).__name__,
@@ -77,46 +89,56 @@ class AnnouncedDispatcher(EventDispatcher):
         """Until the node's last listener leaves: keep the subscriptions in step with the
         watched streams, and read the streams that are due."""
         await self._drop_connection()  # a previous run's, if the last listener came back
-        pubsub = self._pubsub = self._redis.pubsub()
         self._failure = None
-        receiver: asyncio.Task[None] | None = None
-        try:
-            while self._groups:
-                self._wakeup.clear()
-                await self._subscribe(pubsub)
-                if receiver is None:
-                    receiver = asyncio.create_task(
-                        self._receive(pubsub), name="event announcements"
-                    )
-                if self._failure is not None:
-                    raise self._failure
-                if self._due:
-                    await self._read_due()
-                    continue
-                await self._wakeup.wait()
-        finally:
-            if receiver is not None:
-                receiver.cancel()
-                await asyncio.gather(receiver, return_exceptions=True)
+        self._stale = True
+        while self._groups:
+            self._wakeup.clear()
+            await self._subscribe()
+            if self._failure is not None:
+                raise self._failure
+            if self._due:
+                await self._read_due()
+                continue
+            await self._wakeup.wait()
 
-    async def _subscribe(self, pubsub: PubSub) -> None:
+    async def _subscribe(self) -> None:
+        if not self._stale and len(self._channels) == len(self._groups):
+            return  # no stream came or went since the last look
+        self._stale = False
         keys = self.registry.keys
         wanted: dict[str, str] = {}
         for key, group in self._groups.items():
             listener = next(iter(group))
             wanted[keys.events_channel(listener.call_id, listener.session_id)] = key
-        new = [channel for channel in wanted if channel not in self._channels]
-        gone = [channel for channel in self._channels if channel not in wanted]
-        if new:
-            self._channels.update((channel, wanted[channel]) for channel in new)
-            await pubsub.subscribe(*new)  # read once Redis confirms: see _receive
-        if gone:
-            for channel in gone:
+        new: dict[str, list[str]] = defaultdict(list)  # shard name -> channels
+        for channel in wanted:
+            if channel not in self._channels:
+                shard = self._cluster.get_node_from_key(channel)
+                if shard is None:
+                    raise SlotNotCoveredError(f"no shard holds the slot of {channel}")
+                new[shard.name].append(channel)
+                self._shard_of[channel] = shard.name
+                self._channels[channel] = wanted[channel]
+                if shard.name not in self._pubsubs:
+                    self._pubsubs[shard.name] = self._cluster.pubsub(node=shard)
+        gone: dict[str, list[str]] = defaultdict(list)
+        for channel in list(self._channels):
+            if channel not in wanted:
+                gone[self._shard_of.pop(channel)].append(channel)
                 del self._channels[channel]
-            await pubsub.unsubscribe(*gone)
+        for name, channels in new.items():
+            pubsub = self._pubsubs[name]
+            first = not pubsub.subscribed
+            await pubsub.subscribe(*channels)  # read once confirmed: see _receive
+            if first:
+                self._receivers.append(
+                    asyncio.create_task(self._receive(pubsub), name="event announcements")
+                )
+        for name, channels in gone.items():
+            await self._pubsubs[name].unsubscribe(*channels)
 
     async def _receive(self, pubsub: PubSub) -> None:
-        """Turn confirmations and announcements into streams due for a read."""
+        """Turn one shard's confirmations and announcements into streams due for a read."""
         try:
             while True:
                 message = await pubsub.get_message(timeout=RECEIVE_TIMEOUT)
@@ -126,7 +148,7 @@ class AnnouncedDispatcher(EventDispatcher):
                 if key is not None:
                     self._due.add(key)
                     self._wakeup.set()
-        except REDIS_ERRORS as exc:
+        except ERRORS as exc:
             self._failure = exc
             self._wakeup.set()
 
@@ -154,12 +176,14 @@ class AnnouncedDispatcher(EventDispatcher):
                     self._due.add(key)  # there may be more
 
     async def _drop_connection(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
+        receivers, self._receivers = self._receivers, []
+        pubsubs, self._pubsubs = self._pubsubs, {}
         self._channels.clear()
+        self._shard_of.clear()
         self._due.clear()
-        if pubsub is None:
-            return
-        try:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-        except REDIS_ERRORS:
-            pass
+        await cancel_and_wait(*receivers)
+        for pubsub in pubsubs.values():
+            try:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            except REDIS_ERRORS:
+                pass
