@@ -278,6 +278,9 @@ class EventDispatcher:
     """The node's single reader of session streams. ``start`` it with the node; ``listen``
     opens a ``Listener``. Holds a Redis connection only while some listener is live."""
 
+    #: What a read may raise that means "reconnect and go on".
+    read_errors: tuple[type[Exception], ...] = REDIS_ERRORS
+
     def __init__(
         self,
         registry: Registry,
@@ -423,7 +426,7 @@ class EventDispatcher:
             try:
                 await self._read()
                 backoff = RETRY_MIN
-            except REDIS_ERRORS as exc:
+            except self.read_errors as exc:
                 log.warning(
                     "event dispatcher lost Redis (%s); reconnecting in %.2fs",
                     type(exc).__name__,

@@ -23,7 +23,6 @@ arrive (a little later) until the next reconnect subscribes on the new owner.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import defaultdict
 from typing import Any, cast
 
@@ -32,10 +31,8 @@ from redis.asyncio.client import PubSub
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
-from fleet.events import REDIS_ERRORS, RETRY_MAX, RETRY_MIN, EventDispatcher
+from fleet.events import REDIS_ERRORS, EventDispatcher
 from fleet.tasks import cancel_and_wait
-
-log = logging.getLogger("fleet.events")
 
 # The slot map can be briefly incomplete (a failover): redis-py says so outside RedisError.
 ERRORS = (*REDIS_ERRORS, RedisClusterException)
@@ -44,6 +41,8 @@ RECEIVE_TIMEOUT = 1.0  # seconds a wait for a message lasts before it is simply 
 
 class AnnouncedDispatcher(EventDispatcher):
     """The node's reader of session streams on Redis Cluster (see the module's doc)."""
+
+    read_errors = ERRORS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -63,29 +62,7 @@ class AnnouncedDispatcher(EventDispatcher):
         self._stale = True
         self._wakeup.set()
 
-    async def _run(self) -> None:
-        backoff = RETRY_MIN
-        while True:
-            if not self._groups:
-                await self._drop_connection()
-                self._wakeup.clear()
-                if not self._groups:
-                    await self._wakeup.wait()
-                continue
-            try:
-                await self._follow()
-                backoff = RETRY_MIN
-            except ERRORS as exc:
-                log.warning(
-                    "event dispatcher lost Redis (%s); reconnecting in %.2fs",
-                    type(exc).__name__,
-                    backoff,
-                )
-                await self._drop_connection()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RETRY_MAX)
-
-    async def _follow(self) -> None:
+    async def _read(self) -> None:
         """Until the node's last listener leaves: keep the subscriptions in step with the
         watched streams, and read the streams that are due."""
         await self._drop_connection()  # a previous run's, if the last listener came back
