@@ -597,6 +597,8 @@ class Node:
         period = min([1.0, *(x / 4 for x in (idle, longest) if x is not None)])
         while True:
             await asyncio.sleep(period)
+            if idle is None and longest is None:
+                continue  # no limit to check: do not walk every session each second
             now, wall = time.monotonic(), time.time()
             for session in list(self.sessions.values()):
                 if session.closing:
