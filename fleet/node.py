@@ -392,7 +392,7 @@ class Node:
     def count_state(self, state: str, delta: int) -> None:
         if state in self._state_counts:
             self._state_counts[state] += delta
-            metrics.SESSIONS_ACTIVE.labels(state).set(self._state_counts[state])
+            metrics.labelled(metrics.SESSIONS_ACTIVE, state).set(self._state_counts[state])
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a fire-and-forget coroutine that is cancelled with the node."""
