@@ -311,19 +311,22 @@ def report(
         "cores with other agents' tests.",
         f"Load average (1/5/15 min) before: {load_before}; after: {common.load_average()}.",
     ]
+    gc_count = agg(default, lambda r: len(r.gc_during))
     gc_total = agg(default, lambda r: sum(r.gc_during))
     gc_max = agg(default, lambda r: max(r.gc_during + r.gc_quiet, default=0.0))
     notes.insert(
         0,
-        "**The long stalls are CPython's full garbage collections.** Every start leaves "
-        "long-lived objects behind (the session, its task, its context and their "
-        "futures), and CPython runs a full (generation 2) collection whenever the "
-        "objects that survived since the last one reach a quarter of all long-lived "
-        "ones: while sessions are being started that happens every second or so, and "
-        "each one walks every object of every session. With maintenance every 5 s: "
-        f"{gc_total.fmt(' s')} of full-collection pauses while starting {sessions:,} "
-        f"sessions, the longest {gc_max.ms(0)}; all the full collections of a run "
-        f"freed {agg(default, lambda r: r.gc_collected).fmt('', 0)} objects.",
+        "**The longest stalls are CPython's full garbage collections.** Every start leaves "
+        "about 25 long-lived objects behind (the session, its task, coroutines, context "
+        "and events), and a full (generation 2) collection walks all of them: it takes "
+        "longer the more sessions live. A serving node freezes what its start-up built and "
+        "runs a full collection every 100 middle-generation collections instead of "
+        "CPython's 10 (`fleet/gc_tuning.py`; docs/operations.md), so they are few. With "
+        f"maintenance every 5 s: {gc_count.fmt('', 0)} full collections while starting "
+        f"{sessions:,} sessions, {gc_total.fmt(' s')} of pauses in all, the longest "
+        f"{gc_max.ms(0)}; all the full collections of a run freed "
+        f"{agg(default, lambda r: r.gc_collected).fmt('', 0)} objects. Each one is a "
+        "single slow poll: it sets the maximum, not the p99.",
     )
     if refused:
         notes.append(f"Starts refused on the way (retried), all runs: {refused}.")

@@ -307,10 +307,9 @@ def report(
         "column: the nodes' CPU seconds over the requests answered) bounds its rate.",
         "Each run starts from an empty Redis; the sessions it starts stay live (idle, "
         "`interval` 3600), so a run ends with a few thousand sessions per node. The long "
-        "tail (p99) is the node's event loop stalling: CPython's full garbage "
-        "collections, which run about every second while sessions are being started and "
-        "take longer the more sessions live (see idle_sessions), and the maintenance pass "
-        "over all local sessions every 5 s.",
+        "tail (p99) is the node's event loop stalling: the maintenance pass over all local "
+        "sessions every 5 s, and CPython's garbage collections, whose full ones are rare "
+        "but take longer the more sessions live (see idle_sessions).",
         f"Non-2xx answers and socket errors, all runs: {errors or 'none'}. Successful "
         f"starts missing from Redis' live set afterwards, all runs: {short} (Redis holds a "
         "few more than `wrk` counts: the requests in flight when it stopped).",

@@ -10,8 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
@@ -102,6 +106,20 @@ def init_labels() -> None:
         FAILOVERS.labels(result)
 
 
+_children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
+
+
+def labelled(metric: M, *values: str) -> M:
+    """``metric.labels(*values)``, remembered: on the paths every request takes, the
+    lookup behind ``labels`` (a lock, a tuple of str copies) costs more than the update.
+    fleet never removes a series, and label sets are bounded, so the memo is too."""
+    key = (metric, values)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*values)
+    return found  # type: ignore[return-value]
+
+
 @contextmanager
 def redis_timer(operation: str) -> Iterator[None]:
     """Time one Redis operation (a script by name, or a named read): a bounded label set."""
@@ -109,4 +127,4 @@ def redis_timer(operation: str) -> Iterator[None]:
     try:
         yield
     finally:
-        REDIS_COMMAND_SECONDS.labels(operation).observe(time.perf_counter() - began)
+        labelled(REDIS_COMMAND_SECONDS, operation).observe(time.perf_counter() - began)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -58,8 +58,11 @@ class SessionRecord:
     resumable: bool = True
 
     def to_hash(self) -> dict[str, str]:
+        # Field by field rather than ``asdict``, whose deep copy is wasted work here (this
+        # runs on every start).
         out: dict[str, str] = {}
-        for key, value in asdict(self).items():
+        for key in _RECORD_FIELDS:
+            value = getattr(self, key)
             if value is None:
                 continue
             if key in ("params", "metrics"):
@@ -106,6 +109,9 @@ class SessionRecord:
             resumed_count=self.resumed_count,
             checkpoint_version=self.checkpoint_version,
         )
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(SessionRecord))
 
 
 class SessionInfo(BaseModel):

@@ -402,7 +402,7 @@ class Node:
     def count_state(self, state: str, delta: int) -> None:
         if state in self._state_counts:
             self._state_counts[state] += delta
-            metrics.SESSIONS_ACTIVE.labels(state).set(self._state_counts[state])
+            metrics.labelled(metrics.SESSIONS_ACTIVE, state).set(self._state_counts[state])
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a fire-and-forget coroutine that is cancelled with the node."""
@@ -609,6 +609,8 @@ class Node:
         period = min([1.0, *(x / 4 for x in (idle, longest) if x is not None)])
         while True:
             await asyncio.sleep(period)
+            if idle is None and longest is None:
+                continue  # no limit to check: do not walk every session each second
             now, wall = time.monotonic(), time.time()
             for session in list(self.sessions.values()):
                 if session.closing:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import (
     AbstractConnection,
@@ -119,7 +120,7 @@ def connect(settings: Settings) -> Redis:
     base: type[AbstractConnection] = options.pop("connection_class")
     reporting = cast(
         type[AbstractConnection],
-        type(f"Reporting{base.__name__}", (_Reporting, base), {"report": report}),
+        type(f"Reporting{base.__name__}", (_Reporting, _HiredisPacking, base), {"report": report}),
     )
     log.info("Redis: %s", target)
     # Bursts wait for a free connection (up to the socket timeout) rather than failing at
@@ -379,3 +380,20 @@ class _Reporting(AbstractConnection):
             self.report.failed(exc, tls=isinstance(self, SSLConnection))
             raise
         self.report.connected()
+
+
+class _HiredisPacking(AbstractConnection):
+    """Packs commands in C with hiredis, as redis-py's synchronous client does when hiredis
+    is installed (its asyncio client packs in Python: about 7 % of a start's CPU). The
+    bytes are the same; what hiredis does not take is left to redis-py's own packer."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str):
+            args = (*first.encode().split(), *args[1:])
+        elif b" " in first:
+            args = (*first.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # memoryviews, or a value Redis cannot take: redis-py decides
+            return super().pack_command(*args)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 from types import FrameType
 
 import uvicorn
 
+from fleet import gc_tuning
 from fleet.api import create_app
 from fleet.node import Node
 from fleet.settings import Settings
@@ -28,6 +30,11 @@ class FleetServer(uvicorn.Server):
         super().__init__(config)
         self.node = node
         self._signals = 0
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            gc_tuning.settle()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._signals += 1
@@ -85,6 +92,9 @@ def serve(settings: Settings) -> int:
         # idle connections first and never reuses one this end is closing.
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         server_header=False,
+        # fleet logs uvicorn's access lines at warning only (fleet.logs), and uvicorn never
+        # writes them above info: do not format one per request just to drop it.
+        access_log=False,
     )
     server = FleetServer(config, node)
     log.info(

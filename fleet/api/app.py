@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fleet import __version__
 from fleet.api import errors
 from fleet.api.auth import TokenTable
-from fleet.api.middleware import BodyLimit, HttpMetrics
+from fleet.api.middleware import HttpEdge
 from fleet.api.routes import events, health, nodes, sessions
 from fleet.node import Node
 from fleet.settings import Settings
@@ -51,6 +51,5 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(HttpMetrics)
+    app.add_middleware(HttpEdge, limit=settings.max_body_bytes)
     return app
