@@ -43,6 +43,8 @@ async def run_one(settings: Settings, call_id: str, params: dict[str, Any]) -> i
                         ),
                         flush=True,
                     )
+                elif session.done.is_set():
+                    listener.finish()  # what Redis still holds, in case session_ended is lost
                 if stopping.done() and not session.closing:
                     await node.close_session(call_id, record.session_id)
         failed = session.final is not None and session.final.end_reason == "failed"
