@@ -6,6 +6,8 @@ run fails with the install command (nothing is silently skipped).
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -13,13 +15,14 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from fakeredis import FakeAsyncRedis, FakeServer
 from redis.asyncio import Redis
 
 from fleet.api import create_app
 from fleet.node import Node
 from fleet.settings import Settings
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 
 
 @pytest.fixture(scope="session")
@@ -101,9 +104,6 @@ async def node(make_settings: SettingsFactory, redis: Redis) -> AsyncIterator[No
 
 
 async def wait_ready(node: Node, timeout: float = 5.0) -> None:
-    import asyncio
-    import time
-
     deadline = time.monotonic() + timeout
     while not node.readiness()[0]:
         if time.monotonic() > deadline:
@@ -126,3 +126,27 @@ async def api_client(settings: Settings, redis: Redis) -> AsyncIterator[httpx.As
 async def client(make_settings: SettingsFactory, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
     async with api_client(make_settings(), redis) as c:
         yield c
+
+
+@asynccontextmanager
+async def uvicorn_node(node: Node) -> AsyncIterator[str]:
+    """The node's app on a loopback port, served from this event loop."""
+    config = uvicorn.Config(
+        create_app(node.settings, node),
+        host="127.0.0.1",
+        port=free_port(),
+        log_config=None,
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                assert not task.done(), "uvicorn did not start"
+                await asyncio.sleep(0.01)
+        await wait_ready(node)
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)

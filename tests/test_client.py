@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from redis.asyncio import Redis
 
 from fleet.api import create_app
@@ -32,7 +31,7 @@ from fleet.client import (
 from fleet.errors import FleetError
 from fleet.models import Checkpoint, CloseAccepted, NodeInfo, SessionInfo, SessionPage, State
 from fleet.node import Node
-from tests.conftest import SettingsFactory, wait_ready
+from tests.conftest import SettingsFactory, uvicorn_node, wait_ready
 from tests.redis_server import free_port
 
 FAST = {"interval": 0.02, "limit": 3}
@@ -70,30 +69,6 @@ class Api:
                 return info
             await asyncio.sleep(0.02)
         raise AssertionError(f"session {sid} is {info.state}, not {state}")
-
-
-@contextlib.asynccontextmanager
-async def uvicorn_node(node: Node) -> AsyncIterator[str]:
-    """The node's app on a loopback port, served from this event loop."""
-    config = uvicorn.Config(
-        create_app(node.settings, node),
-        host="127.0.0.1",
-        port=free_port(),
-        log_config=None,
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                assert not task.done(), "uvicorn did not start"
-                await asyncio.sleep(0.01)
-        await wait_ready(node)
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
 
 
 @pytest.fixture(params=["sync", "async"])

@@ -15,21 +15,17 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from pydantic import SecretStr
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from fleet import metrics
-from fleet.api import create_app
 from fleet.api.routes import events as events_route
 from fleet.events import EventDispatcher, Listener
 from fleet.node import Node
-from tests.conftest import SettingsFactory, wait_ready
-from tests.redis_server import free_port
-
-SSE = dict[str, str]
+from tests.conftest import SettingsFactory, uvicorn_node
+from tests.sse import SSE, read_sse, ticks
 
 
 @dataclass
@@ -51,28 +47,8 @@ class Served:
 @asynccontextmanager
 async def serve(settings: Any, redis: Redis) -> AsyncIterator[Served]:
     node = Node(settings, redis=redis)
-    config = uvicorn.Config(
-        create_app(settings, node),
-        host="127.0.0.1",
-        port=free_port(),
-        log_config=None,
-        lifespan="on",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                assert not task.done(), "uvicorn did not start"
-                await asyncio.sleep(0.01)
-        await wait_ready(node)
-        url = f"http://127.0.0.1:{config.port}"
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-            yield Served(url, node, http)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
+    async with uvicorn_node(node) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        yield Served(url, node, http)
 
 
 @pytest.fixture
@@ -81,38 +57,8 @@ async def served(make_settings: SettingsFactory, redis: Redis) -> AsyncIterator[
         yield s
 
 
-async def sse(
-    http: httpx.AsyncClient,
-    path: str,
-    *,
-    upto: int | None = None,
-    comments: list[str] | None = None,
-    **kw: Any,
-) -> list[SSE]:
-    """Events of an SSE response until it ends (or ``upto`` events, then hang up)."""
-    out: list[SSE] = []
-    async with asyncio.timeout(15), http.stream("GET", path, **kw) as resp:
-        assert resp.status_code == 200, await resp.aread()
-        fields: SSE = {}
-        async for line in resp.aiter_lines():
-            if line.startswith(":"):
-                if comments is not None:
-                    comments.append(line)
-                continue
-            if line:
-                name, _, value = line.partition(": ")
-                fields[name] = value
-                continue
-            if fields:
-                out.append(fields)
-                fields = {}
-                if upto is not None and len(out) >= upto:
-                    break
-    return out
-
-
-def ticks(events: list[SSE]) -> list[int]:
-    return [json.loads(e["data"])["n"] for e in events if e["event"] == "tick"]
+async def sse(http: httpx.AsyncClient, path: str, **kw: Any) -> list[SSE]:
+    return await read_sse(http, path, timeout=15, **kw)
 
 
 def order(event_id: str) -> tuple[int, int]:

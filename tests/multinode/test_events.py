@@ -14,42 +14,9 @@ import httpx
 import redis
 
 from tests.multinode.harness import LocalFleet, NodeProcess
+from tests.sse import SSE, read_sse, ticks
 
-Events = list[dict[str, str]]
-
-
-async def read_sse(
-    client: httpx.AsyncClient,
-    url: str,
-    *,
-    upto: int | None = None,
-    headers: dict[str, str] | None = None,
-    on_event: Callable[[dict[str, str]], None] | None = None,
-) -> Events:
-    """Events of an SSE stream until it ends (or ``upto`` events, then hang up)."""
-    out: Events = []
-    async with asyncio.timeout(20), client.stream("GET", url, headers=headers) as resp:
-        assert resp.status_code == 200, await resp.aread()
-        fields: dict[str, str] = {}
-        async for line in resp.aiter_lines():
-            if line.startswith(":"):
-                continue
-            if line:
-                name, _, value = line.partition(": ")
-                fields[name] = value
-                continue
-            if fields:
-                out.append(fields)
-                if on_event is not None:
-                    on_event(fields)
-                fields = {}
-                if upto is not None and len(out) >= upto:
-                    break
-    return out
-
-
-def ticks(events: Events) -> list[int]:
-    return [json.loads(e["data"])["n"] for e in events if e["event"] == "tick"]
+Events = list[SSE]
 
 
 def events_url(node: NodeProcess, sid: str) -> str:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.multinode.harness import LocalFleet
-from tests.multinode.test_events import read_sse, ticks
+from tests.sse import read_sse, ticks
 from tests.topologies import LocalCluster, LocalSentinel, _ask
 
 Topology = LocalCluster | LocalSentinel
