@@ -387,6 +387,32 @@ async def start_sessions(
     return [r for r in out if isinstance(r, tuple)]
 
 
+async def start_idle(
+    port: int, count: int, call_prefix: str, interval: float, refused: dict[str, int]
+) -> int:
+    """Start ``count`` idle counters on one node (64 in flight, calls ``<prefix>-0`` to
+    ``<prefix>-999``), retrying refusals up to 5 times. Counts refusals by status and code
+    in ``refused``; returns how many started."""
+
+    async def one(i: int, conn: RawHTTP) -> bool:
+        status, body = await conn.request(
+            "POST", f"/calls/{call_prefix}-{i % 1000}/sessions", {"params": {"interval": interval}}
+        )
+        if status != 201:
+            code = f"{status} {json.loads(body).get('code', '?')}"
+            refused[code] = refused.get(code, 0) + 1
+        return status == 201
+
+    started = 0
+    for _ in range(5):
+        out = await fan_out([port], count - started, 64, one)
+        started += sum(1 for o in out if o is True)
+        if started >= count:
+            break
+        await asyncio.sleep(0.5)
+    return started
+
+
 class RawHTTP:
     """A minimal HTTP/1.1 keep-alive client on one connection, one request at a time.
 

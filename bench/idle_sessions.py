@@ -25,7 +25,6 @@ unchanged; the hook costs two clock reads per collection.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import subprocess
 import sys
@@ -116,26 +115,6 @@ def status_bytes(pid: int, field_name: str) -> int:
     return int(m[1]) * 1024 if m else 0
 
 
-async def start_all(port: int, count: int, refused: dict[str, int]) -> int:
-    async def one(i: int, conn: common.RawHTTP) -> bool:
-        status, body = await conn.request(
-            "POST", f"/calls/idle-{i % 1000}/sessions", {"params": {"interval": 60}}
-        )
-        if status != 201:
-            code = f"{status} {json.loads(body).get('code', '?')}"
-            refused[code] = refused.get(code, 0) + 1
-        return status == 201
-
-    started = 0
-    for _ in range(5):
-        out = await common.fan_out([port], count - started, 64, one)
-        started += sum(1 for o in out if o is True)
-        if started >= count:
-            break
-        await asyncio.sleep(0.5)
-    return started
-
-
 _WATCH = re.compile(r'^fleet_redis_command_seconds_(sum|count)\{command="watch"\} (\S+)$', re.M)
 
 
@@ -182,7 +161,7 @@ def measure_node(fleet: Any, tmp: str, sessions: int, quiet: float, out: Run) ->
     )  # fmt: skip
     time.sleep(0.5)
     out.began = began = time.monotonic()
-    out.started = asyncio.run(start_all(node.port, sessions, out.refused))
+    out.started = asyncio.run(common.start_idle(node.port, sessions, "idle", 60, out.refused))
     out.ended = ended = time.monotonic()
     out.start_seconds = ended - began
     common.progress(

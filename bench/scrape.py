@@ -12,7 +12,6 @@ of sample lines (those not starting with ``#``) of the last scrape.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -62,28 +61,6 @@ def series_of(text: str) -> set[str]:
     return out
 
 
-async def start_more(port: int, count: int, refused: dict[str, int]) -> int:
-    """Start ``count`` idle counters (64 in flight), retrying refusals a few times."""
-
-    async def one(i: int, conn: common.RawHTTP) -> bool:
-        status, body = await conn.request(
-            "POST", f"/calls/scrape-{i % 1000}/sessions", {"params": {"interval": 3600}}
-        )
-        if status != 201:
-            code = f"{status} {json.loads(body).get('code', '?')}"
-            refused[code] = refused.get(code, 0) + 1
-        return status == 201
-
-    started = 0
-    for _ in range(5):
-        out = await common.fan_out([port], count - started, 64, one)
-        started += sum(1 for o in out if o is True)
-        if started >= count:
-            break
-        await asyncio.sleep(0.5)
-    return started
-
-
 async def window(port: int) -> Window:
     out = Window()
     async with common.RawHTTP("127.0.0.1", port) as conn:
@@ -109,7 +86,7 @@ async def measure(port: int, sizes: list[int], runs: int) -> tuple[dict[int, lis
     running = 0
     for size in sizes:
         began = time.monotonic()
-        running += await start_more(port, size - running, refused)
+        running += await common.start_idle(port, size - running, "scrape", 3600, refused)
         common.progress(
             f"{running:,} sessions running ({time.monotonic() - began:.1f}s); letting a "
             "maintenance pass go by"
