@@ -619,10 +619,3 @@ class Node:
                     session.request_close(CloseReason.MAX_DURATION)
                 elif idle is not None and now - session.last_activity >= idle:
                     session.request_close(CloseReason.IDLE)
-
-    # -- reads --------------------------------------------------------------------------
-    async def get_session(self, call_id: str, session_id: str) -> SessionRecord:
-        record = await self.registry.get(call_id, session_id)
-        if record is None:
-            raise SessionNotFound(f"no session {session_id} in call {call_id}")
-        return record

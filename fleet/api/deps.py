@@ -7,6 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
+from fleet.api.auth import RecordCheck
+from fleet.errors import SessionNotFound
+from fleet.models import SessionRecord
 from fleet.node import Node
 from fleet.settings import ID_PATTERN
 
@@ -22,3 +25,12 @@ CallId = Annotated[
     str, Path(pattern=ID_PATTERN, description="A grouping key chosen by the client.")
 ]
 SessionId = Annotated[str, Path(pattern=ID_PATTERN)]
+
+
+async def visible(node: Node, call_id: str, session_id: str, allowed: RecordCheck) -> SessionRecord:
+    """The session if the caller may see it; 404 alike when it does not exist and when it is
+    someone else's, so that existence does not leak."""
+    record = await node.registry.get(call_id, session_id)
+    if record is None or not allowed(record):
+        raise SessionNotFound(f"no session {session_id} in call {call_id}")
+    return record

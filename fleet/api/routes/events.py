@@ -17,8 +17,8 @@ from fastapi import APIRouter, Header, Query, WebSocket
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from fleet.api.auth import ANONYMOUS, CanStream, Principal, RecordCheck, TokenTable, owns
-from fleet.api.deps import CallId, NodeDep, SessionId
+from fleet.api.auth import ANONYMOUS, CanStream, Principal, TokenTable, owns
+from fleet.api.deps import CallId, NodeDep, SessionId, visible
 from fleet.errors import SessionNotFound
 from fleet.events import (
     EVENT_ID_PATTERN,
@@ -141,7 +141,7 @@ async def session_events(
     start (or strictly after ``Last-Event-ID`` / ``after``), then follows it live and ends
     after ``session_ended``."""
     async with node.events.read_slots:
-        record = await _readable(node, call_id, session_id, allowed)  # 404 before streaming
+        record = await visible(node, call_id, session_id, allowed)  # 404 before streaming
     return EventStream(node, record, last_event_id or after or START)
 
 
@@ -166,7 +166,7 @@ async def session_socket(
         return
     try:
         async with node.events.read_slots:
-            record = await _readable(
+            record = await visible(
                 node, call_id, session_id, lambda record: owns(principal, record)
             )
     except SessionNotFound:
@@ -192,17 +192,6 @@ async def session_socket(
     if sender in done and sender.exception() is None:  # the session ended, the client stays
         with contextlib.suppress(Exception):
             await websocket.close(1000, "session ended")
-
-
-async def _readable(
-    node: Node, call_id: str, session_id: str, allowed: RecordCheck
-) -> SessionRecord:
-    """The session, if it exists and the caller may follow it; 404 alike otherwise, so
-    another principal's session does not show."""
-    record = await node.get_session(call_id, session_id)
-    if not allowed(record):
-        raise SessionNotFound(f"no session {session_id} in call {call_id}")
-    return record
 
 
 def _socket_principal(websocket: WebSocket) -> Principal | None:

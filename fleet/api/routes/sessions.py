@@ -16,7 +16,7 @@ from fleet.api.auth import (
     OwnedBy,
     RecordCheck,
 )
-from fleet.api.deps import CallId, NodeDep, SessionId
+from fleet.api.deps import CallId, NodeDep, SessionId, visible
 from fleet.api.limits import check_params
 from fleet.errors import SessionNotFound
 from fleet.keys import make_ref
@@ -27,7 +27,6 @@ from fleet.models import (
     SessionList,
     SessionMetrics,
     SessionPage,
-    SessionRecord,
     State,
 )
 from fleet.node import Node
@@ -52,17 +51,6 @@ class StartRequest(BaseModel):
         description="false: if its node dies, end the session as node_lost instead of "
         "resuming it elsewhere from its last checkpoint.",
     )
-
-
-async def _visible(
-    node: Node, call_id: str, session_id: str, allowed: RecordCheck
-) -> SessionRecord:
-    """The session if the caller may see it; 404 alike when it does not exist and when it is
-    someone else's."""
-    record = await node.registry.get(call_id, session_id)
-    if record is None or not allowed(record):
-        raise SessionNotFound(f"no session {session_id} in call {call_id}")
-    return record
 
 
 @router.post(
@@ -99,7 +87,7 @@ async def list_call_sessions(call_id: CallId, node: NodeDep, allowed: CanView) -
 async def get_session(
     call_id: CallId, session_id: SessionId, node: NodeDep, allowed: CanView
 ) -> SessionInfo:
-    return (await _visible(node, call_id, session_id, allowed)).info()
+    return (await visible(node, call_id, session_id, allowed)).info()
 
 
 WaitSeconds = Annotated[
@@ -120,7 +108,7 @@ async def _close(
         # The ownership rule goes with the close request itself: one round trip.
         scope = allowed.scope
     else:
-        await _visible(node, call_id, session_id, allowed)  # a custom hook sees the record
+        await visible(node, call_id, session_id, allowed)  # a custom hook sees the record
         scope = ""
     record = await node.close_session(call_id, session_id, wait=wait, principal=scope)
     if record is None:
@@ -179,7 +167,7 @@ async def session_metrics(
 ) -> SessionMetrics:
     """The worker's ``ctx.metrics``: live from the owner, or as last reported to Redis by
     the owner's maintenance pass when asked of another node."""
-    record = await _visible(node, call_id, session_id, allowed)
+    record = await visible(node, call_id, session_id, allowed)
     local = node.sessions.get(make_ref(call_id, session_id))
     values = dict(local.ctx.metrics) if local is not None else record.metrics
     end = record.ended_at or time.time()
@@ -208,7 +196,7 @@ async def get_checkpoint(
     version: Annotated[int | None, Query(ge=1, description="An older kept version.")] = None,
 ) -> Checkpoint:
     """The latest checkpoint, or one of the last ``FLEET_CHECKPOINT_HISTORY`` versions."""
-    await _visible(node, call_id, session_id, allowed)
+    await visible(node, call_id, session_id, allowed)
     for envelope in await node.registry.checkpoints(call_id, session_id):
         checkpoint = Checkpoint.model_validate_json(envelope)
         if version is None or checkpoint.version == version:
