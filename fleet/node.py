@@ -380,7 +380,7 @@ class Node:
             self._unwritten_ends[ref] = (record, reason, error)
             return
         if result is EndResult.ENDED:
-            metrics.SESSIONS_ENDED.labels(reason.value).inc()
+            metrics.labelled(metrics.SESSIONS_ENDED, reason.value).inc()
         elif result is EndResult.FENCED:
             log.warning(
                 "end not recorded: the session moved on",
@@ -601,7 +601,7 @@ class Node:
             result = await self.registry.end(record, reason.value, error=error)
             self._unwritten_ends.pop(ref, None)
             if result is EndResult.ENDED:
-                metrics.SESSIONS_ENDED.labels(reason.value).inc()
+                metrics.labelled(metrics.SESSIONS_ENDED, reason.value).inc()
 
     # -- session limits -----------------------------------------------------------------
     async def _tick_loop(self) -> None:

@@ -112,7 +112,7 @@ class LocalSession:
         size = len(payload.encode())
         limit = self.node.settings.max_checkpoint_bytes
         if size > limit:
-            metrics.CHECKPOINTS.labels("too_large").inc()
+            metrics.labelled(metrics.CHECKPOINTS, "too_large").inc()
             raise CheckpointTooLarge(f"checkpoint of {size} bytes is over the {limit}-byte limit")
         history = self.node.settings.checkpoint_history
         try:
@@ -120,9 +120,9 @@ class LocalSession:
                 lambda: self.node.registry.checkpoint(self.record, payload, history)
             )
         except LeaseLost:
-            metrics.CHECKPOINTS.labels("stale").inc()
+            metrics.labelled(metrics.CHECKPOINTS, "stale").inc()
             raise
-        metrics.CHECKPOINTS.labels("ok").inc()
+        metrics.labelled(metrics.CHECKPOINTS, "ok").inc()
         metrics.CHECKPOINT_BYTES.observe(size)
         self.record.checkpoint_version = int(version)
 
