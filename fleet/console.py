@@ -23,7 +23,7 @@ async def run_one(settings: Settings, call_id: str, params: dict[str, Any]) -> i
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await _until_ready(node)
+        await node.wait_ready(READY_TIMEOUT)  # if not, the start below says why
         record = await node.start_session(call_id, "default", params)
         print(
             f"session {record.session_id} running on {node.node_id} (Ctrl-C to close)",
@@ -51,12 +51,3 @@ async def run_one(settings: Settings, call_id: str, params: dict[str, Any]) -> i
         return 1 if failed else 0
     finally:
         await node.stop()
-
-
-async def _until_ready(node: Node, timeout: float = READY_TIMEOUT) -> None:
-    """Start-up subscribes to the control channel in the background: wait for it (and the
-    lease), so that the start below is not refused as not ready."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not node.readiness()[0] and loop.time() < deadline:
-        await asyncio.sleep(0.01)

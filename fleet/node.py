@@ -183,6 +183,18 @@ class Node:
             return False, "control_channel_down"
         return True, "ok"
 
+    async def wait_ready(self, timeout: float) -> bool:
+        """Whether the node became ready within ``timeout`` seconds. Start-up subscribes to
+        the control channel in the background, so a node is not ready the moment ``start``
+        returns; for in-process callers (``fleet run``, tests) that start a session at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.readiness()[0]:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
     def refresh_gauges(self) -> None:
         """Bring the readiness gauges up to date (before a scrape)."""
         self._set_ready_gauge()

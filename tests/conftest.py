@@ -7,7 +7,6 @@ run fails with the install command (nothing is silently skipped).
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -104,11 +103,8 @@ async def node(make_settings: SettingsFactory, redis: Redis) -> AsyncIterator[No
 
 
 async def wait_ready(node: Node, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not node.readiness()[0]:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"node not ready: {node.readiness()[1]}")
-        await asyncio.sleep(0.01)
+    if not await node.wait_ready(timeout):
+        raise AssertionError(f"node not ready: {node.readiness()[1]}")
 
 
 @asynccontextmanager
