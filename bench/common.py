@@ -532,3 +532,12 @@ def load_average() -> str:
     """The 1-, 5- and 15-minute load averages, for notes on how busy the machine was."""
     parts = _read("/proc/loadavg").split()
     return " / ".join(parts[:3]) if len(parts) >= 3 else "unknown"
+
+
+def load_note(before: str) -> str:
+    """The notes' line on how busy the machine was: ``before`` is ``load_average()`` taken
+    when the benchmark began; the load now is read here."""
+    return (
+        f"Load average (1/5/15 min) before: {before}; after: {load_average()}. "
+        "Other agents' tests share the machine's two cores."
+    )

@@ -430,8 +430,7 @@ def report(
         "Double owners are checked in Redis (events, epochs, slot sets) and in the "
         'processes (`fleet_sessions_active{state="running"}` of B and C adds up to the '
         "session count).",
-        f"Load average (1/5/15 min) before: {load_before}; after: "
-        f"{common.load_average()}. Other agents' tests share the machine's two cores.",
+        common.load_note(load_before),
     ]
     summary = (
         f"SIGKILL of a node running {sessions:,} sessions: all running again elsewhere "

@@ -170,8 +170,7 @@ def report(
         f"and runs `mark_running`, three more. All {sessions:,} sessions do this "
         "concurrently.",
         *extra,
-        f"Load average (1/5/15 min) before: {load_before}; after: "
-        f"{common.load_average()}. Other agents' tests share the machine's two cores.",
+        common.load_note(load_before),
     ]
     summary = (
         f"SIGTERM to a node running {sessions:,} sessions, drain timeout 2 s: all running "

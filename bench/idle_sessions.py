@@ -288,7 +288,7 @@ def report(
         "one-second limits tick).",
         "The benchmark's client, the poller, Redis and the node share the machine's two "
         "cores with other agents' tests.",
-        f"Load average (1/5/15 min) before: {load_before}; after: {common.load_average()}.",
+        common.load_note(load_before),
     ]
     gc_count = agg(default, lambda r: len(r.gc_during))
     gc_total = agg(default, lambda r: sum(r.gc_during))

@@ -245,8 +245,7 @@ def report(
         "A list is two round trips (the call's live and ended indexes in one pipeline, then "
         "the records in another); a single read is one `HGETALL`. Neither touches a "
         "fleet-wide key.",
-        f"Load average (1/5/15 min) before: {load_before}; after: "
-        f"{common.load_average()}. Other agents' tests share the machine's two cores.",
+        common.load_note(load_before),
     ]
     summary = (
         f"With {large:,} instead of {small:,} sessions in Redis: list p50 "

@@ -620,7 +620,7 @@ def report(
         "A counter that ticks adds a checkpoint (a LIST) and keeps up to "
         "`FLEET_EVENTS_MAXLEN` (1,000) events in its stream: a ticking session costs far "
         "more than the idle one measured here.",
-        f"Load average (1/5/15 min) before: {load_before}; after: {common.load_average()}.",
+        common.load_note(load_before),
     ]
     statuses: Counter[str] = Counter()
     for r in results:

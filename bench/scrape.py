@@ -182,8 +182,7 @@ def report(
         "fixed sets (route templates, status classes, end reasons, Redis operation "
         "names), each value adding its series when first used.",
         f"The node's RSS at the end: {rss / 2**20:,.0f} MiB with {large:,} idle sessions.",
-        f"Load average (1/5/15 min) before: {load_before}; after: "
-        f"{common.load_average()}. Other agents' tests share the machine's two cores.",
+        common.load_note(load_before),
     ]
     if any("watch+" in a for a in added):
         notes.insert(

@@ -313,8 +313,7 @@ def report(
         f"Non-2xx answers and socket errors, all runs: {errors or 'none'}. Successful "
         f"starts missing from Redis' live set afterwards, all runs: {short} (Redis holds a "
         "few more than `wrk` counts: the requests in flight when it stopped).",
-        f"Load average (1/5/15 min) before: {load_before}; after: "
-        f"{common.load_average()}. Other agents' tests share the machine's two cores.",
+        common.load_note(load_before),
     ]
     summary = (
         f"One node: {rate16.fmt(' starts/s', 0)} at 16 connections (target ≥ "
