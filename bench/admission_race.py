@@ -81,7 +81,7 @@ class Truth:
     """Reads what Redis holds, for a scenario."""
 
     def __init__(self, fleet: Any, scenario: Scenario) -> None:
-        from fleet.keys import Keys
+        from fleet.store.keys import Keys
 
         self.keys = Keys(fleet.prefix)
         self.redis = common.redis_client(fleet.redis.url)

@@ -115,7 +115,7 @@ async def _one_run(fleet: Any, sessions: int) -> Run:
     out.hist_p50 = common.bucket_quantile(delta, 0.5)
     out.hist_p99 = common.bucket_quantile(delta, 0.99)
 
-    from fleet.keys import Keys
+    from fleet.store.keys import Keys
 
     keys = Keys(fleet.prefix)
     r = common.redis_client(fleet.redis.url)

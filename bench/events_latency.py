@@ -163,7 +163,7 @@ async def _last_ping(r: Any, keys: list[str]) -> int:
 
 
 async def _scenario(fleet: Any, listeners: int, seconds: float) -> Result:
-    from fleet.keys import Keys
+    from fleet.store.keys import Keys
 
     a, b = fleet.nodes
     sessions = 1 if listeners == 1 else 10

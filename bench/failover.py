@@ -269,7 +269,7 @@ def check_moves(
 
 
 def one_run(sessions: int) -> Moved:
-    from fleet.keys import Keys
+    from fleet.store.keys import Keys
 
     out = Moved(sessions=sessions)
     with common.local_fleet(3, **SETTINGS) as fleet:

@@ -72,7 +72,7 @@ def exit_notes(
 
 
 def one_run(sessions: int) -> tuple[Moved, int | None]:
-    from fleet.keys import Keys
+    from fleet.store.keys import Keys
 
     out = Moved(sessions=sessions)
     with common.local_fleet(3, **SETTINGS) as fleet:

@@ -67,7 +67,7 @@ def _script_names() -> dict[str, str]:
     """SHA1 -> script name, for every script in fleet/lua."""
     import hashlib
 
-    from fleet.scripts import Scripts
+    from fleet.store.scripts import Scripts
 
     lua = resources.files("fleet").joinpath("lua")
     return {
@@ -195,7 +195,7 @@ async def _measure(
 ) -> dict[int, list[Window]]:
     import redis.asyncio
 
-    from fleet.keys import Keys
+    from fleet.store.keys import Keys
 
     node = fleet.nodes[0]
     monitor = Monitor(

@@ -52,8 +52,8 @@ class Background:
     def __init__(self, url: str, prefix: str) -> None:
         import redis.asyncio
 
-        from fleet.registry import Registry
         from fleet.settings import Settings
+        from fleet.store.registry import Registry
 
         self.settings = Settings(redis_url=url, key_prefix=prefix, node_id=FAKE_NODE, node_ttl=3600)  # type: ignore[arg-type]
         self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True)
@@ -70,8 +70,8 @@ class Background:
         await self.redis.aclose()
 
     def _calls(self, i: int) -> list[tuple[str, list[str], list[Any]]]:
-        from fleet.keys import make_ref
         from fleet.models import SessionRecord, State
+        from fleet.store.keys import make_ref
 
         k = self.registry.keys
         call_id, session_id = f"bg-{i % BACKGROUND_CALLS}", secrets.token_hex(16)

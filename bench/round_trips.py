@@ -362,7 +362,7 @@ def one_run(meter: Meter, a: Any, b: Any, k: int, run_index: int) -> RunResult:
 
 def memory(fleet: Any, a: Any, count: int) -> dict[str, Any]:
     """``used_memory`` per live session, and where one session's bytes go."""
-    from fleet.keys import Keys
+    from fleet.store.keys import Keys
 
     r = common.redis_client(fleet.redis.url)
     keys = Keys(fleet.prefix)
@@ -433,7 +433,7 @@ def _first_event_bytes(r: Any, keys: Any, started: list[tuple[str, str]], node_b
 
 
 def run(opts: common.Options) -> common.Report:
-    from fleet.scripts import Scripts, read_script
+    from fleet.store.scripts import Scripts, read_script
 
     k = QUICK_K if opts.quick else K
     count = QUICK_MEMORY_SESSIONS if opts.quick else MEMORY_SESSIONS

@@ -176,7 +176,7 @@ async def warm_up(ports: list[int]) -> None:
 
 
 def one_run(nodes: int, connections: int, seconds: int, script: Path) -> Run:
-    from fleet.keys import Keys
+    from fleet.store.keys import Keys
 
     with common.local_fleet(nodes, **SETTINGS) as fleet:
         asyncio.run(warm_up([n.port for n in fleet.nodes]))

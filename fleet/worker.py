@@ -12,7 +12,7 @@ from fleet.errors import WorkerLoadError
 
 
 class SessionHooks(Protocol):
-    """What the runtime does for a context; implemented by ``fleet.session.LocalSession``."""
+    """What the runtime does for a context (``fleet.runtime.session.LocalSession``)."""
 
     async def emit(self, type: str, data: Any) -> None: ...
     async def checkpoint(self, state: Any) -> None: ...

@@ -19,7 +19,7 @@ from fakeredis import FakeAsyncRedis, FakeServer
 from redis.asyncio import Redis
 
 from fleet.api import create_app
-from fleet.node import Node
+from fleet.runtime.node import Node
 from fleet.settings import Settings
 from tests.redis_server import RedisServer, free_port
 

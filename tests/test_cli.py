@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fleet import cli, cli_ops
+from fleet.cli import main as cli
+from fleet.cli import ops as cli_ops
 from fleet.client import FleetClient
 from tests.redis_server import free_port
 

@@ -30,7 +30,7 @@ from fleet.client import (
 )
 from fleet.errors import FleetError
 from fleet.models import Checkpoint, CloseAccepted, NodeInfo, SessionInfo, SessionPage, State
-from fleet.node import Node
+from fleet.runtime.node import Node
 from tests.conftest import SettingsFactory, uvicorn_node, wait_ready
 from tests.redis_server import free_port
 

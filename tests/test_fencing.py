@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from fleet.keys import make_ref
 from fleet.models import SessionRecord
-from fleet.registry import Registry
-from fleet.scripts import FENCED, ReapResult
 from fleet.settings import Settings
+from fleet.store.keys import make_ref
+from fleet.store.registry import Registry
+from fleet.store.scripts import FENCED, ReapResult
 from tests.redis_server import RedisServer
 
 

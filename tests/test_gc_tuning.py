@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleet import gc_tuning
+from fleet.serve import gc_tuning
 
 
 class Cyclic:

@@ -7,8 +7,8 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleet.keys import Keys, make_ref, split_ref
 from fleet.settings import ID_PATTERN
+from fleet.store.keys import Keys, make_ref, split_ref
 
 ids = st.from_regex(ID_PATTERN, fullmatch=True)
 KEYS = Keys("fleet")

@@ -10,11 +10,11 @@ from typing import cast
 
 from redis.asyncio import Redis
 
-from fleet.keys import make_ref
 from fleet.models import SessionRecord
-from fleet.node import Node
-from fleet.registry import Registry
+from fleet.runtime.node import Node
 from fleet.settings import Settings
+from fleet.store.keys import make_ref
+from fleet.store.registry import Registry
 from tests.conftest import SettingsFactory, running_node, wait_ready
 
 

@@ -9,8 +9,8 @@ from pydantic import SecretStr
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
-from fleet.redis_client import connect
 from fleet.settings import Settings
+from fleet.store.connect import connect
 
 COMMANDS: list[tuple[Any, ...]] = [
     ("EVALSHA", "f" * 40, 2, "fleet:{g}:nodes", "k", "node-1", -1, 1.5, "1795239346.62"),

@@ -42,9 +42,9 @@ from redis.asyncio import Redis as AsyncRedis
 
 from fleet.api import create_app
 from fleet.errors import ConfigError
-from fleet.node import Node
-from fleet.redis_client import connect, connection_options, describe
+from fleet.runtime.node import Node
 from fleet.settings import Settings
+from fleet.store.connect import connect, connection_options, describe
 from tests.conftest import wait_ready
 from tests.multinode.harness import LocalFleet, NodeProcess
 from tests.redis_server import INSTALL_HINT, RedisServer, free_port

@@ -10,10 +10,10 @@ import pytest
 from redis.asyncio import Redis
 
 from fleet.errors import AdmissionRejected, NotAccepting
-from fleet.keys import make_ref
 from fleet.models import SessionRecord
-from fleet.registry import Registry
-from fleet.scripts import EndResult, HeartbeatStatus, ReapResult
+from fleet.store.keys import make_ref
+from fleet.store.registry import Registry
+from fleet.store.scripts import EndResult, HeartbeatStatus, ReapResult
 from tests.conftest import SettingsFactory
 
 

@@ -13,7 +13,7 @@ from fleet.api import errors
 from fleet.api.auth import TokenTable
 from fleet.api.middleware import HttpEdge
 from fleet.api.routes import events, health, nodes, sessions
-from fleet.node import Node
+from fleet.runtime.node import Node
 from fleet.settings import Settings
 
 

@@ -10,7 +10,7 @@ from fastapi import Depends, Path, Request
 from fleet.api.auth import RecordCheck
 from fleet.errors import SessionNotFound
 from fleet.models import SessionRecord
-from fleet.node import Node
+from fleet.runtime.node import Node
 from fleet.settings import ID_PATTERN
 
 

@@ -23,7 +23,7 @@ from fleet.api.auth import (
     view_permission,
 )
 from fleet.models import SessionRecord
-from fleet.node import Node
+from fleet.runtime.node import Node
 from tests.api.test_sessions import wait_state
 from tests.conftest import SettingsFactory, api_client, wait_ready
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from fleet import demo
+from fleet.cli import demo
 from fleet.client import FleetClient
 from tests.redis_server import free_port
 

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import redis as redis_sync
 
-from fleet.keys import Keys
+from fleet.store.keys import Keys
 from tests.multinode.harness import LocalFleet
 
 FAST = {"params": {"interval": 0.05}}

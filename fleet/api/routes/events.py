@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from fleet.api.auth import ANONYMOUS, CanStream, Principal, TokenTable, owns
 from fleet.api.deps import CallId, NodeDep, SessionId, visible
 from fleet.errors import SessionNotFound
-from fleet.events import (
+from fleet.events.dispatcher import (
     EVENT_ID_PATTERN,
     REDIS_ERRORS,
     START,
@@ -28,7 +28,7 @@ from fleet.events import (
     is_event_id,
 )
 from fleet.models import SessionRecord, State
-from fleet.node import Node
+from fleet.runtime.node import Node
 from fleet.tasks import cancel_and_wait
 
 log = logging.getLogger("fleet.api.events")

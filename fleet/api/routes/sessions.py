@@ -19,7 +19,6 @@ from fleet.api.auth import (
 from fleet.api.deps import CallId, NodeDep, SessionId, visible
 from fleet.api.limits import check_params
 from fleet.errors import SessionNotFound
-from fleet.keys import make_ref
 from fleet.models import (
     Checkpoint,
     CloseAccepted,
@@ -29,8 +28,9 @@ from fleet.models import (
     SessionPage,
     State,
 )
-from fleet.node import Node
+from fleet.runtime.node import Node
 from fleet.settings import ID_PATTERN
+from fleet.store.keys import make_ref
 
 router = APIRouter(tags=["sessions"])
 

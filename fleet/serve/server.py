@@ -1,4 +1,4 @@
-"""Serving a node: uvicorn for one process; gunicorn with uvicorn workers for several."""
+"""One node in one process: uvicorn, with a drain on the first signal."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 from types import FrameType
 
 import uvicorn
 
-from fleet import gc_tuning
 from fleet.api import create_app
-from fleet.node import Node
+from fleet.runtime.node import Node
+from fleet.serve import gc_tuning
 from fleet.settings import Settings
 
 log = logging.getLogger("fleet.server")
@@ -49,36 +48,7 @@ class FleetServer(uvicorn.Server):
         self.should_exit = True
 
 
-def refuse_open_bind(settings: Settings) -> str | None:
-    if (
-        settings.binds_publicly()
-        and not settings.principals()
-        and not settings.allow_unauthenticated
-    ):
-        return (
-            f"refusing to listen on {settings.host} without FLEET_API_KEYS: anyone who can "
-            "reach it could start and stop sessions. Set FLEET_API_KEYS, bind to 127.0.0.1, "
-            "or set FLEET_ALLOW_UNAUTHENTICATED=true if a trusted proxy guards it."
-        )
-    return None
-
-
-def serve(settings: Settings) -> int:
-    problem = refuse_open_bind(settings)
-    if problem:
-        print(f"fleet: {problem}", file=sys.stderr)
-        return 2
-    if settings.workers > 1:
-        if settings.embedded:
-            print(
-                "fleet: --workers > 1 needs FLEET_REDIS_URL: each process would get an "
-                "embedded Redis of its own, and they could not see each other's sessions.",
-                file=sys.stderr,
-            )
-            return 2
-        from fleet.gunicorn_app import run_gunicorn
-
-        return run_gunicorn(settings)
+def run_uvicorn(settings: Settings) -> int:
     node = Node(settings)
     app = create_app(settings, node)
     config = uvicorn.Config(

@@ -8,9 +8,9 @@ import signal
 import sys
 from typing import Any
 
-from fleet.keys import make_ref
-from fleet.node import Node
+from fleet.runtime.node import Node
 from fleet.settings import Settings
+from fleet.store.keys import make_ref
 
 READY_TIMEOUT = 10.0  # seconds; past it the start says why the node is not ready
 

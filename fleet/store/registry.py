@@ -15,10 +15,11 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 
 from fleet.errors import AdmissionRejected, NotAccepting
-from fleet.keys import Keys, make_ref, split_ref
 from fleet.metrics import redis_timer
 from fleet.models import NodeInfo, SessionRecord, State
-from fleet.scripts import (
+from fleet.settings import Settings
+from fleet.store.keys import Keys, make_ref, split_ref
+from fleet.store.scripts import (
     AdmitResult,
     EndResult,
     HandoffResult,
@@ -26,7 +27,6 @@ from fleet.scripts import (
     ReapResult,
     Scripts,
 )
-from fleet.settings import Settings
 
 _ADMIT_DETAIL = {
     AdmitResult.MAX_SESSIONS_PER_CALL: "this call already has its maximum number of sessions",

@@ -41,7 +41,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from fleet import metrics
 from fleet.models import State
-from fleet.registry import Registry
+from fleet.store.registry import Registry
 from fleet.tasks import cancel_and_wait
 
 log = logging.getLogger("fleet.events")

@@ -74,7 +74,9 @@ class Script:
 
 
 def read_script(name: str) -> Script:
-    source = resources.files("fleet").joinpath("lua", f"{name}.lua").read_text()
+    source = (
+        resources.files(__package__ or "fleet.store").joinpath("lua", f"{name}.lua").read_text()
+    )
     return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 

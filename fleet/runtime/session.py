@@ -6,20 +6,19 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import RedisError
 
 from fleet import metrics
 from fleet.errors import CheckpointTooLarge, EventTooLarge, LeaseLost
-from fleet.keys import make_ref
 from fleet.models import CloseReason, EndReason, SessionRecord, State
-from fleet.scripts import FENCED, MISSING
+from fleet.settings import Settings
+from fleet.store.keys import make_ref
+from fleet.store.registry import Registry
+from fleet.store.scripts import FENCED, MISSING
 from fleet.worker import SessionContext, Worker
-
-if TYPE_CHECKING:
-    from fleet.node import Node
 
 log = logging.getLogger("fleet.session")
 T = TypeVar("T")
@@ -30,6 +29,28 @@ _END_REASON_FOR_CLOSE = {
     CloseReason.IDLE: EndReason.IDLE,
     CloseReason.HANDOFF: EndReason.NODE_SHUTDOWN,
 }
+
+
+class SessionHost(Protocol):
+    """What a session needs from the node that runs it (``fleet.runtime.node.Node``)."""
+
+    node_id: str
+    settings: Settings
+    registry: Registry
+
+    def count_state(self, state: str, delta: int) -> None:
+        """Keep the node's per-state session counts (a gauge) up to date."""
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run a coroutine in the background, cancelled with the node."""
+
+    async def finish(
+        self, session: LocalSession, reason: EndReason, error: str, *, moved: bool
+    ) -> None:
+        """Record how the session ended (unless it moved), free its slot, tell who waits."""
+
+    async def restore(self, session: LocalSession) -> None:
+        """Write back the record and slot of this session, which Redis lost."""
 
 
 def to_json(value: Any) -> str:
@@ -45,7 +66,7 @@ class LocalSession:
 
     def __init__(
         self,
-        node: Node,
+        host: SessionHost,
         record: SessionRecord,
         worker: Worker,
         *,
@@ -54,7 +75,7 @@ class LocalSession:
         running: bool = False,
     ) -> None:
         """``running``: the record was already written running (a new session's is)."""
-        self.node = node
+        self.host = host
         self.record = record
         self.ref = make_ref(record.call_id, record.session_id)
         self.worker = worker
@@ -63,7 +84,7 @@ class LocalSession:
             call_id=record.call_id,
             call_type=record.call_type,
             params=record.params,
-            node_id=node.node_id,
+            node_id=host.node_id,
             state=state,
             resumed=resumed,
             hooks=self,
@@ -86,7 +107,7 @@ class LocalSession:
     @property
     def log_extra(self) -> dict[str, str]:
         return {
-            "node_id": self.node.node_id,
+            "node_id": self.host.node_id,
             "session_id": self.record.session_id,
             "call_id": self.record.call_id,
         }
@@ -101,23 +122,23 @@ class LocalSession:
     async def emit(self, type: str, data: Any) -> None:
         self.touch()
         payload = to_json(data)
-        limit = self.node.settings.max_event_bytes
+        limit = self.host.settings.max_event_bytes
         if len(payload.encode()) > limit:
             raise EventTooLarge(f"event {type!r} is over the {limit}-byte limit")
-        await self._fenced(lambda: self.node.registry.emit(self.record, type, payload))
+        await self._fenced(lambda: self.host.registry.emit(self.record, type, payload))
         metrics.EVENTS_EMITTED.inc()
 
     async def checkpoint(self, state: Any) -> None:
         payload = to_json(state)
         size = len(payload.encode())
-        limit = self.node.settings.max_checkpoint_bytes
+        limit = self.host.settings.max_checkpoint_bytes
         if size > limit:
             metrics.labelled(metrics.CHECKPOINTS, "too_large").inc()
             raise CheckpointTooLarge(f"checkpoint of {size} bytes is over the {limit}-byte limit")
-        history = self.node.settings.checkpoint_history
+        history = self.host.settings.checkpoint_history
         try:
             version = await self._fenced(
-                lambda: self.node.registry.checkpoint(self.record, payload, history)
+                lambda: self.host.registry.checkpoint(self.record, payload, history)
             )
         except LeaseLost:
             metrics.labelled(metrics.CHECKPOINTS, "stale").inc()
@@ -131,7 +152,7 @@ class LocalSession:
         now, so this copy stops. A record Redis lost is written back first."""
         result = await self._through_outages(write)
         if result == MISSING:
-            await self._through_outages(lambda: self.node.restore(self))
+            await self._through_outages(lambda: self.host.restore(self))
             result = await self._through_outages(write)
         if result in (FENCED, MISSING):
             self.lose("moved")
@@ -167,13 +188,13 @@ class LocalSession:
         self.ctx.close_reason = reason.value
         self.ctx.closing.set()
         if self.record.state != State.ENDED:
-            self.node.count_state(self.record.state, -1)
+            self.host.count_state(self.record.state, -1)
             self.record.state = State.CLOSING
-            self.node.count_state(State.CLOSING, +1)
-        grace = self.node.settings.close_grace if grace is None else grace
+            self.host.count_state(State.CLOSING, +1)
+        grace = self.host.settings.close_grace if grace is None else grace
         self._cancel_timer = asyncio.get_running_loop().call_later(grace, self._cancel)
         if reason is not CloseReason.HANDOFF and not recorded:
-            self._closing_event = self.node.spawn(
+            self._closing_event = self.host.spawn(
                 self.emit("session_closing", {"reason": reason.value})
             )
 
@@ -193,7 +214,7 @@ class LocalSession:
         elif self._cancel_timer is None:
             # From a write inside the worker: the LeaseLost it gets should end it; if the
             # worker swallows that, it is cancelled after the grace like any close.
-            grace = self.node.settings.close_grace
+            grace = self.host.settings.close_grace
             self._cancel_timer = asyncio.get_running_loop().call_later(grace, self._cancel)
 
     def _cancel(self) -> None:
@@ -215,7 +236,7 @@ class LocalSession:
             # session_closing goes into the stream before session_ended.
             await asyncio.gather(self._closing_event, return_exceptions=True)
         try:
-            await self.node.finish(self, reason, error, moved=self._moved)
+            await self.host.finish(self, reason, error, moved=self._moved)
         finally:
             self.done.set()
         if cancelled:
@@ -248,16 +269,16 @@ class LocalSession:
 
     async def _mark_running(self) -> None:
         event = "session_resumed" if self.ctx.resumed else "session_started"
-        state = await self.node.registry.mark_running(
-            self.record, event, {"node_id": self.node.node_id, "epoch": self.record.epoch}
+        state = await self.host.registry.mark_running(
+            self.record, event, {"node_id": self.host.node_id, "epoch": self.record.epoch}
         )
         if state == "lease_lost":
             self._moved = True
             raise LeaseLost("this node lost the session before its worker started")
         if self.record.state == State.STARTING:
-            self.node.count_state(State.STARTING, -1)
+            self.host.count_state(State.STARTING, -1)
             self.record.state = State.RUNNING
-            self.node.count_state(State.RUNNING, +1)
+            self.host.count_state(State.RUNNING, +1)
         self.running.set_result(state)
 
     def _end_reason_for_close(self) -> EndReason:

@@ -10,7 +10,7 @@
   ``ssl_check_hostname`` and ``ssl_ciphers``;
 * ``unix:///path/to/redis.sock[?db=N]``: a Unix socket (``unix://:password@/path…``);
 * ``redis+sentinel://…`` and ``redis+cluster://…`` (``rediss+…`` with TLS): Sentinel and
-  Cluster, handed to ``fleet.redis_topology``.
+  Cluster, handed to ``fleet.store.topology``.
 
 These three forms also take ``db``, ``socket_timeout``, ``socket_connect_timeout``,
 ``socket_keepalive`` (TCP only), ``health_check_interval``, ``max_connections``,
@@ -54,8 +54,8 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fleet.errors import ConfigError
-from fleet.redis_topology import TLS_OPTIONS, connect_topology, is_topology_url
 from fleet.settings import Settings
+from fleet.store.topology import TLS_OPTIONS, connect_topology, is_topology_url
 
 log = logging.getLogger("fleet.redis")
 

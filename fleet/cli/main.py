@@ -1,6 +1,6 @@
 """The ``fleet`` command: ``serve`` a node, ``run`` one session in the console, look at
-and act on a running fleet (``sessions``, ``nodes``: see ``fleet.cli_ops``), and start a
-local one to play with (``demo``: see ``fleet.demo``)."""
+and act on a running fleet (``sessions``, ``nodes``: see ``fleet.cli.ops``), and start a
+local one to play with (``demo``: see ``fleet.cli.demo``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import sys
 import tempfile
 from typing import Any
 
-from fleet import __version__, cli_ops
+from fleet import __version__
+from fleet.cli import ops as cli_ops
 from fleet.errors import FleetError
 from fleet.logs import configure
 from fleet.settings import Settings, load_settings
@@ -40,13 +41,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif multiproc:
         # prometheus_client opens files there as soon as fleet.metrics is imported.
         os.makedirs(multiproc, exist_ok=True)
-    from fleet.server import serve
+    from fleet.serve.main import serve
 
     return serve(settings)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fleet.console import run_one
+    from fleet.cli.console import run_one
 
     try:
         params = json.loads(args.params)
@@ -60,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fleet.demo import run_demo
+    from fleet.cli.demo import run_demo
 
     return run_demo(nodes=args.nodes, port=args.port, front=None if args.no_front else args.front)
 

@@ -1,9 +1,10 @@
 """The node: one process's share of the fleet.
 
-``Node(settings)`` runs start-up (lease, scripts, control channel), a few loops (lease
-renewal every ``FLEET_NODE_TTL / 3``, a maintenance pass every
-``FLEET_MAINTENANCE_INTERVAL``, a one-second tick for session limits) and shutdown (drain
-with a timeout, then close what is left). Signals only call ``begin_drain``.
+``Node(settings)`` composes the parts (``lease``, ``maintenance``, ``moves``, ``ends``, the
+control channel and the event dispatcher), runs start-up and shutdown (drain with a timeout,
+then hand off or close what is left), and starts and closes sessions. Signals only call
+``begin_drain``. Each loop lives with its concern: lease renewal in ``lease.py``, the
+maintenance pass and the limits tick in ``maintenance.py``.
 """
 
 from __future__ import annotations
@@ -18,32 +19,27 @@ from collections.abc import Coroutine
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
 
 from fleet import __version__, metrics
-from fleet.control import ControlListener, Message
-from fleet.errors import (
-    AdmissionRejected,
-    InvalidParams,
-    NotAccepting,
-    SessionNotFound,
-)
-from fleet.events import EventDispatcher
-from fleet.events_cluster import AnnouncedDispatcher
-from fleet.failover import Failover, Targets
-from fleet.keys import make_ref
+from fleet.errors import AdmissionRejected, InvalidParams, NotAccepting, SessionNotFound
+from fleet.events.cluster import AnnouncedDispatcher
+from fleet.events.dispatcher import EventDispatcher
 from fleet.models import CloseReason, EndReason, SessionRecord, State
-from fleet.redis_client import connect
-from fleet.registry import Registry
-from fleet.scripts import EndResult, HeartbeatStatus
-from fleet.session import LocalSession
+from fleet.runtime.control import ControlListener, Message
+from fleet.runtime.ends import Ends
+from fleet.runtime.lease import Lease
+from fleet.runtime.maintenance import Maintenance, enforce_limits
+from fleet.runtime.moves import Moves, Targets
+from fleet.runtime.session import LocalSession
 from fleet.settings import Settings
+from fleet.store import REDIS_ERRORS
+from fleet.store.connect import connect
+from fleet.store.keys import make_ref
+from fleet.store.registry import Registry
 from fleet.tasks import cancel_and_wait
 from fleet.worker import load_worker
 
 log = logging.getLogger("fleet.node")
-
-REDIS_ERRORS = (RedisError, OSError)
 
 
 class Node:
@@ -54,23 +50,33 @@ class Node:
         self.redis = redis if redis is not None else connect(settings)
         self._owns_redis = redis is None
         self.registry = Registry(self.redis, settings)
-        self.failover = Failover(self)
         self.started_at = time.time()
         self.host = socket.gethostname()
 
         self.sessions: dict[str, LocalSession] = {}
         self._pending: set[str] = set()  # refs admitted but not yet in ``sessions``
-        self._strays: set[str] = set()  # slots with no local session, seen once
-        self._unwritten_ends: dict[str, tuple[SessionRecord, EndReason, str]] = {}
-        self._end_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.ends = Ends(self.registry, self.node_id)
+        self.moves = Moves(self, self.sessions, self.worker, self.adopt)
+        self.lease = Lease(
+            self.registry,
+            settings,
+            info=self._node_info,
+            recover=self._recover,
+            lapse=self._lease_lapsed,
+            changed=self._set_ready_gauge,
+            session_count=lambda: len(self.sessions),
+        )
+        self.maintenance = Maintenance(
+            self.registry,
+            settings,
+            sessions=self.sessions,
+            pending=self._pending,
+            moves=self.moves,
+            ends=self.ends,
+            lease_held=lambda: self.lease.held,
+        )
 
         self.draining = False
-        self.redis_ok = False
-        self.lease_held = False
-        self._last_renewal: float | None = None
-        self._renewal_problem = ""  # the last ResponseError text a renewal met, if any
-        self._maintain_now = asyncio.Event()
-        self._maintain_lock = asyncio.Lock()
         self.drained = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
         self._handoff_targets: Targets | None = None
@@ -94,10 +100,15 @@ class Node:
         metrics.NODE_DRAINING.set(0)
         with contextlib.suppress(*REDIS_ERRORS):
             await self.registry.load()  # else each script's first call meets NOSCRIPT
-        await self._renew_lease()
-        for loop in (self._lease_loop, self._maintenance_loop, self._tick_loop):
-            self._tasks.append(asyncio.create_task(loop(), name=f"{self.node_id} {loop.__name__}"))
-        self._tasks.append(asyncio.create_task(self._listener.run(), name="control listener"))
+        await self.lease.renew()
+        loops = {
+            "lease": self.lease.run(),
+            "maintenance": self.maintenance.run(),
+            "limits": enforce_limits(self.settings, self.sessions),
+            "control listener": self._listener.run(),
+        }
+        for name, loop in loops.items():
+            self._tasks.append(asyncio.create_task(loop, name=f"{self.node_id} {name}"))
         for task in self._tasks:
             task.add_done_callback(self._loop_ended)
         self.events.start()
@@ -132,11 +143,11 @@ class Node:
 
     async def _drain(self) -> None:
         with contextlib.suppress(Exception):
-            await self._renew_lease()  # tell the fleet at once that this node drains
+            await self.lease.renew()  # tell the fleet at once that this node drains
         await self._wait_sessions(self.settings.drain_timeout)
         if self.sessions:
             with contextlib.suppress(*REDIS_ERRORS):
-                self._handoff_targets = await self.failover.hand_off_targets()
+                self._handoff_targets = await self.moves.hand_off_targets()
         for session in list(self.sessions.values()):
             session.request_close(CloseReason.HANDOFF)
         await self._wait_sessions(self.settings.close_grace + 1.0)
@@ -156,12 +167,12 @@ class Node:
             *self._tasks, *self._background, *(s.task for s in self.sessions.values())
         )
         await self.events.stop()  # ends the open event streams
-        if self._unwritten_ends:
+        if self.ends.unwritten:
             # Some ends could not be written: keep this node in the registry, so that when
             # its lease lapses another node reaps those sessions instead of losing them.
             log.error(
                 "%d session ends could not be written; leaving them to the reaper",
-                len(self._unwritten_ends),
+                len(self.ends.unwritten),
                 extra={"node_id": self.node_id},
             )
         else:
@@ -175,9 +186,9 @@ class Node:
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        if not self.redis_ok:
+        if not self.lease.redis_ok:
             return False, "redis_unavailable"
-        if not self.lease_held:
+        if not self.lease.held:
             return False, "lease_not_held"
         if not self._listener.subscribed:
             return False, "control_channel_down"
@@ -201,7 +212,7 @@ class Node:
 
     def _set_ready_gauge(self) -> None:
         metrics.NODE_READY.set(1 if self.readiness()[0] else 0)
-        metrics.REDIS_UP.set(1 if self.redis_ok else 0)
+        metrics.REDIS_UP.set(1 if self.lease.redis_ok else 0)
 
     # -- sessions -----------------------------------------------------------------------
     async def start_session(
@@ -284,10 +295,7 @@ class Node:
         seconds), ``None`` while it is still closing. Raises SessionNotFound.
         """
         ref = make_ref(call_id, session_id)
-        waiter: asyncio.Future[None] | None = None
-        if wait:
-            waiter = asyncio.get_running_loop().create_future()
-            self._end_waiters.setdefault(ref, []).append(waiter)
+        waiter = self.ends.waiter(ref) if wait else None
         try:
             message = Message("close", ref, CloseReason.CLOSED.value, self.node_id)
             status, owner, ended = await self.registry.request_close(
@@ -307,36 +315,10 @@ class Node:
                 local.request_close(CloseReason.CLOSED, recorded=True)
             if waiter is None or wait is None:
                 return None
-            return await self._await_end(call_id, session_id, waiter, wait)
+            return await self.ends.wait(call_id, session_id, waiter, wait)
         finally:
             if waiter is not None:
-                self._forget_waiter(ref, waiter)
-
-    async def _await_end(
-        self, call_id: str, session_id: str, waiter: asyncio.Future[None], wait: float
-    ) -> SessionRecord | None:
-        """Wait for the owner's "ended" message; read the record now and then too, in case
-        that message is lost."""
-        deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(waiter), min(left, 0.5))
-            record = await self.registry.get(call_id, session_id)
-            if record is None or record.state == State.ENDED:
-                return record
-        return None
-
-    def _forget_waiter(self, ref: str, waiter: asyncio.Future[None]) -> None:
-        waiters = self._end_waiters.get(ref, [])
-        if waiter in waiters:
-            waiters.remove(waiter)
-        if not waiters:
-            self._end_waiters.pop(ref, None)
-
-    def _wake_waiters(self, ref: str) -> None:
-        for waiter in self._end_waiters.get(ref, []):
-            if not waiter.done():
-                waiter.set_result(None)
+                self.ends.forget(ref, waiter)
 
     async def finish(
         self, session: LocalSession, reason: EndReason, error: str, *, moved: bool
@@ -353,9 +335,9 @@ class Node:
         replies = session.reply_to - {self.node_id}
         if not moved:
             # Whoever waits for this end is told in the same round trip as the end.
-            await self._write_end(record, reason, error, replies)
+            await self.ends.write(record, reason, error, replies)
         elif replies:
-            self.spawn(self._publish_ended(session.ref, replies))
+            self.spawn(self.ends.publish_ended(session.ref, replies))
         self.sessions.pop(session.ref, None)
         self.count_state(record.state, -1)
         record.state = State.ENDED
@@ -364,14 +346,14 @@ class Node:
         session.final = record
         if session.close_requested_at is not None:
             metrics.SESSION_CLOSE_SECONDS.observe(time.monotonic() - session.close_requested_at)
-        self._wake_waiters(session.ref)
+        self.ends.wake(session.ref)
         log.info("session ended (%s)", reason.value, extra=session.log_extra)
 
     async def _hand_off(self, session: LocalSession) -> bool:
         if not (self.draining and session.record.resumable and self._handoff_targets):
             return False
         try:
-            return await self.failover.hand_off(session, self._handoff_targets)
+            return await self.moves.hand_off(session, self._handoff_targets)
         except REDIS_ERRORS as exc:
             log.warning(
                 "hand-off failed (%s): ending the session here",
@@ -379,37 +361,6 @@ class Node:
                 extra=session.log_extra,
             )
             return False
-
-    async def _write_end(
-        self, record: SessionRecord, reason: EndReason, error: str, replies: set[str]
-    ) -> None:
-        ref = make_ref(record.call_id, record.session_id)
-        notify = (Message("ended", ref).encode(), replies) if replies else ("", ())
-        try:
-            result = await self.registry.end(record, reason.value, error=error, notify=notify)
-        except REDIS_ERRORS:
-            # Written by the maintenance pass once Redis answers (still fenced by epoch).
-            self._unwritten_ends[ref] = (record, reason, error)
-            return
-        if result is EndResult.ENDED:
-            metrics.labelled(metrics.SESSIONS_ENDED, reason.value).inc()
-        elif result is EndResult.FENCED:
-            log.warning(
-                "end not recorded: the session moved on",
-                extra={
-                    "node_id": self.node_id,
-                    "session_id": record.session_id,
-                    "call_id": record.call_id,
-                },
-            )
-
-    async def _publish_ended(self, ref: str, nodes: set[str]) -> None:
-        message = Message("ended", ref).encode()
-        pipe = self.redis.pipeline(transaction=False)
-        for node_id in nodes:
-            pipe.publish(self.registry.keys.node_channel(node_id), message)
-        with contextlib.suppress(*REDIS_ERRORS):
-            await pipe.execute()
 
     def count_state(self, state: str, delta: int) -> None:
         if state in self._state_counts:
@@ -426,17 +377,17 @@ class Node:
     # -- control channel ----------------------------------------------------------------
     def _on_message(self, message: Message) -> None:
         if message.op == "ended":
-            self._wake_waiters(message.ref)
+            self.ends.wake(message.ref)
             return
         if message.op == "resume":
-            self.spawn(self.failover.resume(message.ref))
+            self.spawn(self.moves.resume(message.ref))
             return
         if message.op != "close":
             return
         session = self.sessions.get(message.ref)
         if session is None:
             if message.reply_to and message.reply_to != self.node_id:
-                self.spawn(self._publish_ended(message.ref, {message.reply_to}))
+                self.spawn(self.ends.publish_ended(message.ref, {message.reply_to}))
             return
         if message.reply_to:
             session.reply_to.add(message.reply_to)
@@ -449,9 +400,9 @@ class Node:
 
     async def _on_subscribed(self) -> None:
         self._set_ready_gauge()
-        self._maintain_now.set()
+        self.maintenance.wake()
 
-    # -- lease --------------------------------------------------------------------------
+    # -- what the lease and the sessions need -------------------------------------------
     def _node_info(self) -> dict[str, str]:
         capacity = self.settings.max_sessions_per_node
         return {
@@ -462,172 +413,16 @@ class Node:
             "version": __version__,
         }
 
-    async def _renew_lease(self) -> None:
-        now = time.monotonic()
-        try:
-            status = await self.registry.heartbeat(self.node_id, self._node_info())
-        except REDIS_ERRORS as exc:
-            metrics.LEASE_RENEWAL_FAILURES.inc()
-            # Redis' own refusals (NOPERM, OOM, READONLY…) name the problem and hold no secret.
-            problem = f"{type(exc).__name__}: {exc}" if isinstance(exc, ResponseError) else ""
-            if self.redis_ok or problem != self._renewal_problem:
-                log.warning(
-                    "lease renewal failed: %s",
-                    problem or type(exc).__name__,
-                    extra={"node_id": self.node_id},
-                )
-            self._renewal_problem = problem
-            self.redis_ok = False
-            if self._last_renewal is not None and now - self._last_renewal > self.settings.node_ttl:
-                self._lease_lapsed()
-            self._set_ready_gauge()
-            return
-        lapsed = (
-            self._last_renewal is not None and now - self._last_renewal > self.settings.node_ttl
-        )
-        recovering = not self.redis_ok or not self.lease_held
-        self._renewal_problem = ""
-        self.redis_ok = True
-        self._last_renewal = now
-        if status is not HeartbeatStatus.OK or lapsed or recovering:
-            if self.sessions or status is not HeartbeatStatus.OK:
-                log.info(
-                    "lease %s: re-checking local sessions",
-                    status.value,
-                    extra={"node_id": self.node_id},
-                )
-            # Ready again only once what Redis may have lost is written back.
-            try:
-                await self._check_own_sessions()
-            except REDIS_ERRORS:
-                self.redis_ok = False
-                self._set_ready_gauge()
-                return
-        self.lease_held = True
-        self._set_ready_gauge()
+    async def _recover(self) -> None:
+        await self.maintenance.check_own_sessions()
 
     def _lease_lapsed(self) -> None:
-        """Redis did not answer for longer than the lease: another node may own our
-        sessions now, so stop them. Their ends are written when Redis is back."""
-        if self.lease_held:
-            log.error(
-                "lease lapsed (Redis unreachable for over %.1fs): stopping %d local sessions",
-                self.settings.node_ttl,
-                len(self.sessions),
-                extra={"node_id": self.node_id},
-            )
-        self.lease_held = False
         for session in list(self.sessions.values()):
             session.lose("lease_lapsed")
 
-    async def _lease_loop(self) -> None:
-        while True:
-            # While Redis is away, knock more often: the node is ready again soon after
-            # Redis is back, whatever the lease length.
-            interval = self.settings.heartbeat_interval
-            await asyncio.sleep(interval if self.redis_ok else min(interval, 0.25))
-            await self._renew_lease()
-
-    # -- maintenance --------------------------------------------------------------------
-    async def _maintenance_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._maintain_now.wait(), self.settings.maintenance_interval
-                )
-            self._maintain_now.clear()
-            try:
-                await self.maintain()
-            except REDIS_ERRORS as exc:
-                log.warning(
-                    "maintenance pass failed: %s",
-                    type(exc).__name__,
-                    extra={"node_id": self.node_id},
-                )
-            except Exception:
-                log.exception("maintenance pass failed", extra={"node_id": self.node_id})
+    async def restore(self, session: LocalSession) -> None:
+        await self.maintenance.restore(session)
 
     async def maintain(self) -> None:
-        """The fallback pass: this node's own sessions (close flags, ownership, records and
-        slots Redis lost), then dead nodes."""
-        if not self.lease_held:
-            return
-        await self._check_own_sessions()
-        await self.failover.reap_dead_nodes()
-        metrics.NODES_LIVE.set(await self.registry.count_live_nodes())
-
-    async def _check_own_sessions(self) -> None:
-        """One round trip for all of this node's sessions; then act on the few that need
-        it: records Redis lost, sessions that moved, close flags a lost message carried.
-        When the slot count disagrees, a second look finds stray and missing slots."""
-        async with self._maintain_lock:
-            await self._write_unwritten_ends()
-            local = [s for s in self.sessions.values() if not s.done.is_set()]
-            slot_count, attention = await self.registry.watch(
-                self.node_id, [(s.ref, s.record.epoch) for s in local]
-            )
-            for index, code, detail in attention:
-                session = local[index]
-                if code == "missing":
-                    await self.restore(session)
-                elif code == "moved":
-                    session.lose("moved")
-                elif code == "close" and not session.closing:
-                    # A flag only request_close sets, which wrote session_closing too.
-                    try:
-                        session.request_close(CloseReason(detail), recorded=True)
-                    except ValueError:
-                        session.request_close(CloseReason.CLOSED, recorded=True)
-            if slot_count != len(local) or self._strays:
-                await self._check_slots(local)
-
-    async def _check_slots(self, local: list[LocalSession]) -> None:
-        slots = await self.registry.node_slots(self.node_id)
-        for session in local:
-            if session.ref not in slots and not session.done.is_set():
-                # Only a reaper takes a slot away: the session is being moved (or ended).
-                session.lose("moved")
-        await self._release_strays(slots)
-
-    async def restore(self, session: LocalSession) -> None:
-        """Redis lost a session this node runs (a restart without persistence): write its
-        record and slot back. Never overwrites a record another node wrote meanwhile."""
-        record = session.record
-        if await self.registry.create(record):
-            log.warning("re-asserted a session Redis had lost", extra=session.log_extra)
-        await self.registry.reassert_slot(
-            self.node_id, record.call_id, record.session_id, record.started_at
-        )
-
-    async def _release_strays(self, slots: set[str]) -> None:
-        """Slots this node holds for sessions it does not run, once seen twice (a start in
-        flight holds a slot before its session exists): resume or release them."""
-        strays = slots - set(self.sessions) - self._pending
-        confirmed = strays & self._strays
-        self._strays = strays - confirmed
-        if confirmed:
-            await self.failover.adopt_or_release(sorted(confirmed))
-
-    async def _write_unwritten_ends(self) -> None:
-        for ref, (record, reason, error) in list(self._unwritten_ends.items()):
-            result = await self.registry.end(record, reason.value, error=error)
-            self._unwritten_ends.pop(ref, None)
-            if result is EndResult.ENDED:
-                metrics.labelled(metrics.SESSIONS_ENDED, reason.value).inc()
-
-    # -- session limits -----------------------------------------------------------------
-    async def _tick_loop(self) -> None:
-        idle, longest = self.settings.idle_timeout, self.settings.max_session_duration
-        period = min([1.0, *(x / 4 for x in (idle, longest) if x is not None)])
-        while True:
-            await asyncio.sleep(period)
-            if idle is None and longest is None:
-                continue  # no limit to check: do not walk every session each second
-            now, wall = time.monotonic(), time.time()
-            for session in list(self.sessions.values()):
-                if session.closing:
-                    continue
-                if longest is not None and wall - session.record.started_at >= longest:
-                    session.request_close(CloseReason.MAX_DURATION)
-                elif idle is not None and now - session.last_activity >= idle:
-                    session.request_close(CloseReason.IDLE)
+        """One maintenance pass now (tests and benchmarks)."""
+        await self.maintenance.run_pass()

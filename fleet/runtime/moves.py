@@ -14,18 +14,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from fleet import metrics
-from fleet.control import Message
-from fleet.keys import split_ref
 from fleet.models import EndReason, NodeInfo, State
-from fleet.scripts import FENCED, HandoffResult, ReapResult
-from fleet.session import LocalSession
-
-if TYPE_CHECKING:
-    from fleet.node import Node
+from fleet.runtime.control import Message
+from fleet.runtime.session import LocalSession, SessionHost
+from fleet.store.keys import split_ref
+from fleet.store.scripts import FENCED, HandoffResult, ReapResult
+from fleet.worker import WorkerSpec
 
 log = logging.getLogger("fleet.failover")
 
@@ -58,19 +56,32 @@ class Targets:
         self._load.pop(node_id, None)
 
 
-class Failover:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.registry = node.registry
+class Moves:
+    """Moves sessions to and from this node. Handed what it needs: the node as a session
+    host, its running sessions, its worker, and how to run a session that arrives."""
+
+    def __init__(
+        self,
+        host: SessionHost,
+        sessions: Mapping[str, LocalSession],
+        worker: WorkerSpec,
+        adopt: Callable[[LocalSession], None],
+    ) -> None:
+        self.host = host
+        self.node_id = host.node_id
+        self.registry = host.registry
+        self._sessions = sessions
+        self._worker = worker
+        self._adopt = adopt
         self._resuming: set[str] = set()
 
     def _extra(self, ref: str) -> dict[str, str]:
         call_id, session_id = split_ref(ref)
-        return {"node_id": self.node.node_id, "session_id": session_id, "call_id": call_id}
+        return {"node_id": self.node_id, "session_id": session_id, "call_id": call_id}
 
     # -- dead nodes ---------------------------------------------------------------------
     async def reap_dead_nodes(self) -> None:
-        dead_nodes = [d for d in await self.registry.expired_nodes() if d != self.node.node_id]
+        dead_nodes = [d for d in await self.registry.expired_nodes() if d != self.node_id]
         if not dead_nodes:
             return
         targets = Targets(await self.registry.live_nodes(), exclude=set(dead_nodes))
@@ -87,12 +98,12 @@ class Failover:
                     "node %s is gone: taking over %d sessions",
                     dead,
                     len(refs),
-                    extra={"node_id": self.node.node_id},
+                    extra={"node_id": self.node_id},
                 )
             await asyncio.gather(*(one(dead, ref) for ref in refs))
             if await self.registry.forget_node(dead):
                 log.warning(
-                    "node %s removed from the registry", dead, extra={"node_id": self.node.node_id}
+                    "node %s removed from the registry", dead, extra={"node_id": self.node_id}
                 )
 
     async def _reap_session(self, dead: str, ref: str, targets: Targets) -> None:
@@ -135,19 +146,19 @@ class Failover:
 
     # -- draining -----------------------------------------------------------------------
     async def hand_off_targets(self) -> Targets:
-        return Targets(await self.registry.live_nodes(), exclude={self.node.node_id})
+        return Targets(await self.registry.live_nodes(), exclude={self.node_id})
 
     async def hand_off(self, session: LocalSession, targets: Targets) -> bool:
         """Give a stopped session of this draining node to the least loaded node with room.
         Returns False when no node could take it."""
         while (choice := targets.take()) is not None:
             target, capacity = choice
-            result = await self.registry.handoff(self.node.node_id, session.ref, target, capacity)
+            result = await self.registry.handoff(self.node_id, session.ref, target, capacity)
             if result is HandoffResult.NO_ROOM:
                 targets.full(target)
                 continue
             if result is HandoffResult.MOVED and await self._claim(
-                session.ref, self.node.node_id, target
+                session.ref, self.node_id, target
             ):
                 log.info("session handed off to %s", target, extra=session.log_extra)
                 return True
@@ -158,17 +169,18 @@ class Failover:
     # -- resume -------------------------------------------------------------------------
     async def resume(self, ref: str) -> None:
         """Start, on this node, a session that was claimed for it."""
-        node = self.node
-        if ref in node.sessions or ref in self._resuming:
+        if ref in self._sessions or ref in self._resuming:
             return
         self._resuming.add(ref)
         try:
             record, latest = await self.registry.get_with_checkpoint(*split_ref(ref))
-            if record is None or record.node_id != node.node_id or record.state == State.ENDED:
+            if record is None or record.node_id != self.node_id or record.state == State.ENDED:
                 return
             state: Any = json.loads(latest)["state"] if latest else None
-            session = LocalSession(node, record, node.worker.create(), state=state, resumed=True)
-            node.adopt(session)
+            session = LocalSession(
+                self.host, record, self._worker.create(), state=state, resumed=True
+            )
+            self._adopt(session)
             log.info(
                 "session resumed (epoch %d, checkpoint %d)",
                 record.epoch,
@@ -182,21 +194,20 @@ class Failover:
         """Slots this node holds for sessions it does not run: resume those that were
         claimed for it (the claim's message was lost, or the mover died before claiming),
         release the rest."""
-        node = self.node
         live: set[str] | None = None  # read once, and only if some slot needs it
         for ref in refs:
             record = await self.registry.get(*split_ref(ref))
             if record is not None and record.state != State.ENDED:
-                if record.node_id == node.node_id:
+                if record.node_id == self.node_id:
                     await self.resume(ref)
                     continue
                 if live is None:
                     live = {n.node_id for n in await self.registry.live_nodes()}
                 if record.node_id not in live:
                     # The mover died between moving the slot and claiming: finish it.
-                    if await self._claim(ref, record.node_id, node.node_id):
+                    if await self._claim(ref, record.node_id, self.node_id):
                         await self.resume(ref)
                     continue
             call_id, session_id = split_ref(ref)
-            if await self.registry.release(node.node_id, call_id, session_id):
+            if await self.registry.release(self.node_id, call_id, session_id):
                 log.warning("released a stray admission slot", extra=self._extra(ref))

@@ -1,0 +1,1 @@
+"""The command line: ``fleet serve``, ``fleet run``, ``fleet demo`` and the operator commands."""

@@ -1,0 +1,113 @@
+"""How sessions end, on record: the fenced end write, the nodes waiting for it, and ends
+that could not be written yet.
+
+An end is written once by the owner (``end_session.lua``, fenced by owner and epoch) and
+releases the admission slot in the same round trip. Nodes that asked for the close with
+``?wait`` are told over their channels in that same step; waiters on this node are woken
+directly. An end that meets a Redis outage is kept here and written by the maintenance pass
+once Redis answers, still fenced, so a session that moved meanwhile is not ended twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from fleet import metrics
+from fleet.models import EndReason, SessionRecord, State
+from fleet.runtime.control import Message
+from fleet.store import REDIS_ERRORS
+from fleet.store.keys import make_ref
+from fleet.store.registry import Registry
+from fleet.store.scripts import EndResult
+
+log = logging.getLogger("fleet.ends")
+
+#: While waiting for an end, the record is read this often in case the notice is lost.
+REREAD_SECONDS = 0.5
+
+
+class Ends:
+    def __init__(self, registry: Registry, node_id: str) -> None:
+        self.registry = registry
+        self.node_id = node_id
+        # ref -> what to write once Redis answers again
+        self.unwritten: dict[str, tuple[SessionRecord, EndReason, str]] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+    # -- writing ------------------------------------------------------------------------
+    async def write(
+        self, record: SessionRecord, reason: EndReason, error: str, replies: set[str]
+    ) -> None:
+        """Record the end and free the slot; tell the nodes in ``replies`` it happened."""
+        ref = make_ref(record.call_id, record.session_id)
+        notify = (Message("ended", ref).encode(), replies) if replies else ("", ())
+        try:
+            result = await self.registry.end(record, reason.value, error=error, notify=notify)
+        except REDIS_ERRORS:
+            # Written by the maintenance pass once Redis answers (still fenced by epoch).
+            self.unwritten[ref] = (record, reason, error)
+            return
+        if result is EndResult.ENDED:
+            metrics.labelled(metrics.SESSIONS_ENDED, reason.value).inc()
+        elif result is EndResult.FENCED:
+            log.warning(
+                "end not recorded: the session moved on",
+                extra={
+                    "node_id": self.node_id,
+                    "session_id": record.session_id,
+                    "call_id": record.call_id,
+                },
+            )
+
+    async def write_unwritten(self) -> None:
+        for ref, (record, reason, error) in list(self.unwritten.items()):
+            result = await self.registry.end(record, reason.value, error=error)
+            self.unwritten.pop(ref, None)
+            if result is EndResult.ENDED:
+                metrics.labelled(metrics.SESSIONS_ENDED, reason.value).inc()
+
+    async def publish_ended(self, ref: str, nodes: set[str]) -> None:
+        """Tell ``nodes`` that a session ended (or is not here to end)."""
+        message = Message("ended", ref).encode()
+        redis = self.registry.redis
+        pipe = redis.pipeline(transaction=False)
+        for node_id in nodes:
+            pipe.publish(self.registry.keys.node_channel(node_id), message)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await pipe.execute()
+
+    # -- waiting ------------------------------------------------------------------------
+    def waiter(self, ref: str) -> asyncio.Future[None]:
+        """A future resolved when the session ends; ``forget`` it when done waiting."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(ref, []).append(waiter)
+        return waiter
+
+    def forget(self, ref: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(ref, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            self._waiters.pop(ref, None)
+
+    def wake(self, ref: str) -> None:
+        for waiter in self._waiters.get(ref, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(
+        self, call_id: str, session_id: str, waiter: asyncio.Future[None], wait: float
+    ) -> SessionRecord | None:
+        """Wait for the owner's "ended" notice; read the record now and then too, in case
+        that notice is lost. The ended record, or ``None`` if the wait ran out."""
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiter), min(left, REREAD_SECONDS))
+            record = await self.registry.get(call_id, session_id)
+            if record is None or record.state == State.ENDED:
+                return record
+        return None

@@ -1,0 +1,122 @@
+"""The node's lease: one key renewed every ``FLEET_NODE_TTL / 3``, whatever the session count.
+
+A session is alive while its owner's lease is. The lease also decides this node's readiness
+(together with draining and the control channel): Redis answering and the lease held.
+
+When a renewal finds that the lease had lapsed or was unknown (Redis lost its data), the
+node re-checks its own sessions before it calls itself ready again (``recover``). When
+Redis does not answer for longer than the lease, another node may own this node's sessions
+by now: they are stopped (``lapse``), and their ends are written once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from redis.exceptions import ResponseError
+
+from fleet import metrics
+from fleet.settings import Settings
+from fleet.store import REDIS_ERRORS
+from fleet.store.registry import Registry
+from fleet.store.scripts import HeartbeatStatus
+
+log = logging.getLogger("fleet.lease")
+
+
+class Lease:
+    def __init__(
+        self,
+        registry: Registry,
+        settings: Settings,
+        *,
+        info: Callable[[], dict[str, str]],
+        recover: Callable[[], Awaitable[None]],
+        lapse: Callable[[], None],
+        changed: Callable[[], None],
+        session_count: Callable[[], int],
+    ) -> None:
+        """``info``: what the node reports about itself at each renewal; ``recover``: re-check
+        local sessions after a lapse or a Redis restart; ``lapse``: stop local sessions;
+        ``changed``: readiness may have changed."""
+        self.registry = registry
+        self.settings = settings
+        self.node_id = settings.node_id
+        self._info = info
+        self._recover = recover
+        self._lapse = lapse
+        self._changed = changed
+        self._session_count = session_count
+        self.redis_ok = False
+        self.held = False
+        self._last_renewal: float | None = None
+        self._problem = ""  # the last ResponseError text a renewal met, if any
+
+    @property
+    def _extra(self) -> dict[str, str]:
+        return {"node_id": self.node_id}
+
+    async def run(self) -> None:
+        while True:
+            # While Redis is away, knock more often: the node is ready again soon after
+            # Redis is back, whatever the lease length.
+            interval = self.settings.heartbeat_interval
+            await asyncio.sleep(interval if self.redis_ok else min(interval, 0.25))
+            await self.renew()
+
+    async def renew(self) -> None:
+        now = time.monotonic()
+        try:
+            status = await self.registry.heartbeat(self.node_id, self._info())
+        except REDIS_ERRORS as exc:
+            self._failed(exc, now)
+            return
+        lapsed = (
+            self._last_renewal is not None and now - self._last_renewal > self.settings.node_ttl
+        )
+        recovering = not self.redis_ok or not self.held
+        self._problem = ""
+        self.redis_ok = True
+        self._last_renewal = now
+        if status is not HeartbeatStatus.OK or lapsed or recovering:
+            if self._session_count() or status is not HeartbeatStatus.OK:
+                log.info("lease %s: re-checking local sessions", status.value, extra=self._extra)
+            # Ready again only once what Redis may have lost is written back.
+            try:
+                await self._recover()
+            except REDIS_ERRORS:
+                self.redis_ok = False
+                self._changed()
+                return
+        self.held = True
+        self._changed()
+
+    def _failed(self, exc: BaseException, now: float) -> None:
+        metrics.LEASE_RENEWAL_FAILURES.inc()
+        # Redis' own refusals (NOPERM, OOM, READONLY…) name the problem and hold no secret.
+        problem = f"{type(exc).__name__}: {exc}" if isinstance(exc, ResponseError) else ""
+        if self.redis_ok or problem != self._problem:
+            log.warning(
+                "lease renewal failed: %s", problem or type(exc).__name__, extra=self._extra
+            )
+        self._problem = problem
+        self.redis_ok = False
+        if self._last_renewal is not None and now - self._last_renewal > self.settings.node_ttl:
+            self._lapsed()
+        self._changed()
+
+    def _lapsed(self) -> None:
+        """Redis did not answer for longer than the lease: another node may own our
+        sessions now, so stop them. Their ends are written when Redis is back."""
+        if self.held:
+            log.error(
+                "lease lapsed (Redis unreachable for over %.1fs): stopping %d local sessions",
+                self.settings.node_ttl,
+                self._session_count(),
+                extra=self._extra,
+            )
+        self.held = False
+        self._lapse()

@@ -1,0 +1,155 @@
+"""The maintenance pass: the fallback that catches what a lost message or a lost Redis
+left behind, every ``FLEET_MAINTENANCE_INTERVAL`` (and at once after the control channel
+resubscribes).
+
+For this node's own sessions, in one round trip: records Redis lost are written back,
+sessions that moved are stopped, close flags whose message was lost are acted on. Slots
+this node holds for sessions it does not run are resumed or released. Then dead nodes'
+sessions are taken over (``fleet.runtime.moves``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from fleet import metrics
+from fleet.models import CloseReason
+from fleet.runtime.ends import Ends
+from fleet.runtime.moves import Moves
+from fleet.runtime.session import LocalSession
+from fleet.settings import Settings
+from fleet.store import REDIS_ERRORS
+from fleet.store.registry import Registry
+
+log = logging.getLogger("fleet.maintenance")
+
+
+class Maintenance:
+    def __init__(
+        self,
+        registry: Registry,
+        settings: Settings,
+        *,
+        sessions: Mapping[str, LocalSession],
+        pending: set[str],
+        moves: Moves,
+        ends: Ends,
+        lease_held: Callable[[], bool],
+    ) -> None:
+        """``sessions``: the node's running sessions; ``pending``: refs admitted but not yet
+        running (their slots are not strays)."""
+        self.registry = registry
+        self.settings = settings
+        self.node_id = settings.node_id
+        self._sessions = sessions
+        self._pending = pending
+        self._moves = moves
+        self._ends = ends
+        self._lease_held = lease_held
+        self._strays: set[str] = set()  # slots with no local session, seen once
+        self._now = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def wake(self) -> None:
+        """Run a pass now rather than at the next interval."""
+        self._now.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._now.wait(), self.settings.maintenance_interval)
+            self._now.clear()
+            try:
+                await self.run_pass()
+            except REDIS_ERRORS as exc:
+                log.warning(
+                    "maintenance pass failed: %s",
+                    type(exc).__name__,
+                    extra={"node_id": self.node_id},
+                )
+            except Exception:
+                log.exception("maintenance pass failed", extra={"node_id": self.node_id})
+
+    async def run_pass(self) -> None:
+        """This node's own sessions (close flags, ownership, records and slots Redis lost),
+        then dead nodes."""
+        if not self._lease_held():
+            return
+        await self.check_own_sessions()
+        await self._moves.reap_dead_nodes()
+        metrics.NODES_LIVE.set(await self.registry.count_live_nodes())
+
+    async def check_own_sessions(self) -> None:
+        """One round trip for all of this node's sessions; then act on the few that need
+        it: records Redis lost, sessions that moved, close flags a lost message carried.
+        When the slot count disagrees, a second look finds stray and missing slots."""
+        async with self._lock:
+            await self._ends.write_unwritten()
+            local = [s for s in self._sessions.values() if not s.done.is_set()]
+            slot_count, attention = await self.registry.watch(
+                self.node_id, [(s.ref, s.record.epoch) for s in local]
+            )
+            for index, code, detail in attention:
+                session = local[index]
+                if code == "missing":
+                    await self.restore(session)
+                elif code == "moved":
+                    session.lose("moved")
+                elif code == "close" and not session.closing:
+                    # A flag only request_close sets, which wrote session_closing too.
+                    try:
+                        session.request_close(CloseReason(detail), recorded=True)
+                    except ValueError:
+                        session.request_close(CloseReason.CLOSED, recorded=True)
+            if slot_count != len(local) or self._strays:
+                await self._check_slots(local)
+
+    async def restore(self, session: LocalSession) -> None:
+        """Redis lost a session this node runs (a restart without persistence): write its
+        record and slot back. Never overwrites a record another node wrote meanwhile."""
+        record = session.record
+        if await self.registry.create(record):
+            log.warning("re-asserted a session Redis had lost", extra=session.log_extra)
+        await self.registry.reassert_slot(
+            self.node_id, record.call_id, record.session_id, record.started_at
+        )
+
+    async def _check_slots(self, local: list[LocalSession]) -> None:
+        slots = await self.registry.node_slots(self.node_id)
+        for session in local:
+            if session.ref not in slots and not session.done.is_set():
+                # Only a reaper takes a slot away: the session is being moved (or ended).
+                session.lose("moved")
+        await self._release_strays(slots)
+
+    async def _release_strays(self, slots: set[str]) -> None:
+        """Slots this node holds for sessions it does not run, once seen twice (a start in
+        flight holds a slot before its session exists): resume or release them."""
+        strays = slots - set(self._sessions) - self._pending
+        confirmed = strays & self._strays
+        self._strays = strays - confirmed
+        if confirmed:
+            await self._moves.adopt_or_release(sorted(confirmed))
+
+
+async def enforce_limits(settings: Settings, sessions: Mapping[str, LocalSession]) -> None:
+    """``FLEET_IDLE_TIMEOUT`` and ``FLEET_MAX_SESSION_DURATION``: a tick that closes the
+    sessions past either, as a close request would (``ctx.closing``)."""
+    idle, longest = settings.idle_timeout, settings.max_session_duration
+    period = min([1.0, *(x / 4 for x in (idle, longest) if x is not None)])
+    while True:
+        await asyncio.sleep(period)
+        if idle is None and longest is None:
+            continue  # no limit to check: do not walk every session each second
+        now, wall = time.monotonic(), time.time()
+        for session in list(sessions.values()):
+            if session.closing:
+                continue
+            if longest is not None and wall - session.record.started_at >= longest:
+                session.request_close(CloseReason.MAX_DURATION)
+            elif idle is not None and now - session.last_activity >= idle:
+                session.request_close(CloseReason.IDLE)

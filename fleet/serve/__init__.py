@@ -1,0 +1,1 @@
+"""Serving a node over HTTP: uvicorn for one process, gunicorn for several."""
