@@ -31,7 +31,8 @@ from redis.asyncio.client import PubSub
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
-from fleet.events.dispatcher import REDIS_ERRORS, EventDispatcher
+from fleet.events.dispatcher import EventDispatcher
+from fleet.store import REDIS_ERRORS
 from fleet.tasks import cancel_and_wait
 
 # The slot map can be briefly incomplete (a failover): redis-py says so outside RedisError.

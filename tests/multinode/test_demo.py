@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from fleet.cli import demo
+from fleet.cli import demo, processes
 from fleet.client import FleetClient
 from tests.redis_server import free_port
 
@@ -35,9 +35,9 @@ STATUS = re.compile(r"nodes ready (\d+)/(\d+) \| sessions running (\d+)/(\d+) \|
 def need(binary: str) -> str:
     """The binary's path; a missing one fails the test with the command that installs it
     (nothing is silently skipped)."""
-    path = demo.find(binary)
+    path = processes.find(binary)
     if path is None:
-        pytest.fail(f"{binary} is not installed: {demo.install_hint(binary)}", pytrace=False)
+        pytest.fail(f"{binary} is not installed: {processes.install_hint(binary)}", pytrace=False)
     return path
 
 
@@ -208,24 +208,24 @@ def test_missing_programs_name_their_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     empty = str(tmp_path)
-    with pytest.raises(demo.DemoError, match=r"apt-get install -y redis-server$"):
+    with pytest.raises(processes.DemoError, match=r"apt-get install -y redis-server$"):
         demo.Plan.make(3, free_port(), "auto", path=empty)
-    with pytest.raises(demo.DemoError) as neither:
-        demo.find_front("auto", path=empty)
+    with pytest.raises(processes.DemoError) as neither:
+        processes.find_front("auto", path=empty)
     assert "apt-get install -y nginx-light" in neither.value.detail
     assert "apt-get install -y haproxy" in neither.value.detail
     assert "--no-front" in neither.value.detail
-    with pytest.raises(demo.DemoError, match=r"haproxy is not installed.*-y haproxy$"):
-        demo.find_front("haproxy", path=empty)
+    with pytest.raises(processes.DemoError, match=r"haproxy is not installed.*-y haproxy$"):
+        processes.find_front("haproxy", path=empty)
 
     fake = tmp_path / "haproxy"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
-    assert demo.find_front("auto", path=empty) == ("haproxy", str(fake))
+    assert processes.find_front("auto", path=empty) == ("haproxy", str(fake))
 
     # Through the command: one line on stderr, exit 1, nothing started.
     monkeypatch.setenv("PATH", empty)
-    monkeypatch.setattr(demo, "EXTRA_PATH", ())
+    monkeypatch.setattr(processes, "EXTRA_PATH", ())
     assert demo.run_demo(3, free_port(), "auto") == 1
     assert capsys.readouterr().err == (
         "fleet demo: redis-server is not installed; install it with: "
@@ -239,7 +239,7 @@ def test_busy_port_is_refused() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(demo.DemoError, match=f"port {port} on 127.0.0.1 is in use"):
+        with pytest.raises(processes.DemoError, match=f"port {port} on 127.0.0.1 is in use"):
             demo.Plan.make(3, port, "auto")
 
 
@@ -257,14 +257,14 @@ def nginx_test(tmp_path: Path, conf: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_generated_front_configs_are_valid(tmp_path: Path) -> None:
-    conf = demo.nginx_config(tmp_path, 8000, [9001, 9002, 9003])
+    conf = processes.nginx_config(tmp_path, 8000, [9001, 9002, 9003])
     assert "proxy_buffering off;" in conf and "daemon off;" in conf
     assert conf.count("server 127.0.0.1:") == 3 and "non_idempotent" not in conf
     checked = nginx_test(tmp_path, conf)
     assert checked.returncode == 0, checked.stderr
 
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(demo.haproxy_config(8000, [9001, 9002]))
+    cfg.write_text(processes.haproxy_config(8000, [9001, 9002]))
     assert "balance roundrobin" in cfg.read_text() and "uri /ready" in cfg.read_text()
     checked = subprocess.run(
         [need("haproxy"), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30

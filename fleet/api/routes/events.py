@@ -20,15 +20,10 @@ from starlette.types import Receive, Scope, Send
 from fleet.api.auth import ANONYMOUS, CanStream, Principal, TokenTable, owns
 from fleet.api.deps import CallId, NodeDep, SessionId, visible
 from fleet.errors import SessionNotFound
-from fleet.events.dispatcher import (
-    EVENT_ID_PATTERN,
-    REDIS_ERRORS,
-    START,
-    Listener,
-    is_event_id,
-)
+from fleet.events.listener import EVENT_ID_PATTERN, START, Listener, is_event_id
 from fleet.models import SessionRecord, State
 from fleet.runtime.node import Node
+from fleet.store import REDIS_ERRORS
 from fleet.tasks import cancel_and_wait
 
 log = logging.getLogger("fleet.api.events")

@@ -19,15 +19,14 @@ from redis.asyncio import Redis
 
 from fleet.api import create_app
 from fleet.client import (
-    DEFAULT_TIMEOUT,
     AsyncFleetClient,
     FleetAPIError,
     FleetClient,
     FleetConnectionError,
     ServerSentEvent,
     SSEDecoder,
-    _Requests,
 )
+from fleet.client.base import DEFAULT_TIMEOUT, Requests
 from fleet.errors import FleetError
 from fleet.models import Checkpoint, CloseAccepted, NodeInfo, SessionInfo, SessionPage, State
 from fleet.runtime.node import Node
@@ -281,14 +280,14 @@ def test_ready_503_is_an_answer() -> None:
 
 
 def test_close_wait_reads_longer_than_the_wait() -> None:
-    request = _Requests.close_session("c", "s", 30, DEFAULT_TIMEOUT)
+    request = Requests.close_session("c", "s", 30, DEFAULT_TIMEOUT)
     assert request.timeout is not None and request.timeout.read == 40
     assert request.params == {"wait": 30}
-    assert _Requests.close_session("c", "s", None, DEFAULT_TIMEOUT).timeout == DEFAULT_TIMEOUT
+    assert Requests.close_session("c", "s", None, DEFAULT_TIMEOUT).timeout == DEFAULT_TIMEOUT
 
 
 def test_ids_are_quoted_into_paths() -> None:
-    assert _Requests.get_session("a/b", "../x").path == "/calls/a%2Fb/sessions/..%2Fx"
+    assert Requests.get_session("a/b", "../x").path == "/calls/a%2Fb/sessions/..%2Fx"
 
 
 # ---- Server-Sent Events -------------------------------------------------------------------

@@ -22,7 +22,8 @@ from websockets.exceptions import ConnectionClosed
 
 from fleet import metrics
 from fleet.api.routes import events as events_route
-from fleet.events.dispatcher import EventDispatcher, Listener
+from fleet.events.dispatcher import EventDispatcher
+from fleet.events.listener import Listener
 from fleet.runtime.node import Node
 from tests.conftest import SettingsFactory, uvicorn_node
 from tests.sse import SSE, read_sse, ticks
@@ -345,7 +346,7 @@ async def test_without_client_unblock_a_short_block_still_delivers(
 
 
 def test_sse_frames_split_lines_only_where_sse_does() -> None:
-    from fleet.events.dispatcher import Event
+    from fleet.events.listener import Event
 
     event = Event(id="1-0", type="say", data='{"text":"a\u2028b\u0085c"}')
     frame = event.sse.decode()

@@ -49,7 +49,7 @@ from tests.conftest import wait_ready
 from tests.multinode.harness import LocalFleet, NodeProcess
 from tests.redis_server import INSTALL_HINT, RedisServer, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OPENSSL_HINT = "apt-get install -y openssl"
 
 # Characters that must be percent-encoded in a URL, so that the encoding is tested too.

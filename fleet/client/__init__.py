@@ -1,0 +1,33 @@
+"""A typed client for fleet's HTTP API, sync (``FleetClient``) and async
+(``AsyncFleetClient``), on httpx.
+
+Both clients have the same methods and answer with the pydantic models the API serves
+(``SessionInfo``, ``NodeInfo``, ``Checkpoint``...). A node that answers with an error
+raises ``FleetAPIError(status, code, detail)``; a node that cannot be reached raises
+``FleetConnectionError``. Both are ``FleetError``\\ s.
+
+The base URL and token come from the arguments or from ``FLEET_URL`` (default
+``http://127.0.0.1:8000``) and ``FLEET_TOKEN``. The token is sent as
+``Authorization: Bearer``; it is never logged and never shown in a ``repr``.
+
+Each request is described once, as a ``Request`` (``base.py``) (method, path, parameters, and how to
+read the answer); the two clients only differ in how they send it.
+"""
+
+from fleet.client.aio import AsyncFleetClient
+from fleet.client.base import FleetAPIError, FleetConnectionError, Health, Readiness
+from fleet.client.sse import ServerSentEvent, SSEDecoder
+from fleet.client.sync import FleetClient
+from fleet.models import SessionMetrics
+
+__all__ = [
+    "AsyncFleetClient",
+    "FleetAPIError",
+    "FleetClient",
+    "FleetConnectionError",
+    "Health",
+    "Readiness",
+    "SSEDecoder",
+    "ServerSentEvent",
+    "SessionMetrics",
+]

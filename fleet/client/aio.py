@@ -1,0 +1,177 @@
+"""``AsyncFleetClient``: the API of a fleet, for asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import httpx
+
+from fleet.client.base import (
+    RETRYABLE_STATUS,
+    ClientBase,
+    Health,
+    Readiness,
+    Request,
+    Requests,
+    T,
+    answer,
+    api_error,
+    session_path,
+    unreachable,
+)
+from fleet.client.sse import Follow, ServerSentEvent
+from fleet.models import (
+    Checkpoint,
+    CloseAccepted,
+    NodeInfo,
+    SessionInfo,
+    SessionMetrics,
+    SessionPage,
+    State,
+)
+
+
+class AsyncFleetClient(ClientBase):
+    """The same API as ``FleetClient``, for asyncio: every method is a coroutine, and
+    ``iter_sessions`` and ``events`` are async iterators."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(url, token, timeout)
+        self._http = httpx.AsyncClient(
+            base_url=self.url, headers=self._headers(), timeout=self.timeout, transport=transport
+        )
+
+    async def __aenter__(self) -> AsyncFleetClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, req: Request[T]) -> T:
+        try:
+            resp = await self._http.request(
+                req.method,
+                req.path,
+                params=req.params,
+                json=req.body,
+                timeout=req.timeout or httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TransportError as exc:
+            raise unreachable(self.url, exc) from exc
+        return answer(req, resp)
+
+    async def start_session(
+        self,
+        call_id: str,
+        params: dict[str, Any] | None = None,
+        call_type: str = "default",
+        resumable: bool = True,
+    ) -> SessionInfo:
+        """Start a session of the node's worker in ``call_id``."""
+        return await self._send(Requests.start_session(call_id, params, call_type, resumable))
+
+    async def get_session(self, call_id: str, session_id: str) -> SessionInfo:
+        return await self._send(Requests.get_session(call_id, session_id))
+
+    async def list_call_sessions(self, call_id: str) -> list[SessionInfo]:
+        """The call's sessions, live ones first."""
+        return await self._send(Requests.list_call_sessions(call_id))
+
+    async def list_sessions(
+        self,
+        *,
+        state: State | str | None = None,
+        node_id: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> SessionPage:
+        """One page of the fleet-wide list; ``next_cursor`` asks for the next."""
+        return await self._send(Requests.list_sessions(state, node_id, limit, cursor))
+
+    async def iter_sessions(
+        self, *, state: State | str | None = None, node_id: str | None = None, page_size: int = 100
+    ) -> AsyncGenerator[SessionInfo, None]:
+        """Every session of the fleet, page after page."""
+        cursor: str | None = None
+        while True:
+            page = await self.list_sessions(
+                state=state, node_id=node_id, limit=page_size, cursor=cursor
+            )
+            for info in page.sessions:
+                yield info
+            if page.next_cursor is None or page.next_cursor == cursor:
+                return
+            cursor = page.next_cursor
+
+    async def close_session(
+        self, call_id: str, session_id: str, wait: float | None = None
+    ) -> SessionInfo | CloseAccepted:
+        """Ask for the close. With ``wait``, the final ``SessionInfo`` once the session
+        ended, or ``CloseAccepted`` if it still runs after ``wait`` seconds."""
+        return await self._send(Requests.close_session(call_id, session_id, wait, self.timeout))
+
+    async def get_checkpoint(
+        self, call_id: str, session_id: str, version: int | None = None
+    ) -> Checkpoint:
+        return await self._send(Requests.get_checkpoint(call_id, session_id, version))
+
+    async def session_metrics(self, call_id: str, session_id: str) -> SessionMetrics:
+        return await self._send(Requests.session_metrics(call_id, session_id))
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The live nodes of the fleet."""
+        return await self._send(Requests.nodes())
+
+    async def health(self) -> Health:
+        return await self._send(Requests.health())
+
+    async def ready(self) -> Readiness:
+        """Readiness of the node that answers; ``.ready`` is False on a 503."""
+        return await self._send(Requests.ready())
+
+    async def events(
+        self,
+        call_id: str,
+        session_id: str,
+        last_event_id: str | None = None,
+        *,
+        reconnect: bool = True,
+    ) -> AsyncGenerator[ServerSentEvent, None]:
+        """The session's events from the start (or after ``last_event_id``), live, until
+        ``session_ended``. A cut stream is resumed where it stopped, on whatever node
+        answers. Break out early with ``contextlib.aclosing`` to free the connection."""
+        follow = Follow(session_path(call_id, session_id, "/events"), last_event_id, reconnect)
+        while not follow.finished:
+            try:
+                async with self._http.stream(
+                    "GET", follow.path, headers=follow.open(), timeout=self._stream_timeout()
+                ) as resp:
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        error = api_error(resp)
+                        if resp.status_code not in RETRYABLE_STATUS:
+                            raise error
+                        follow.failed(error)
+                    else:
+                        async for chunk in resp.aiter_bytes():
+                            for event in follow.feed(chunk):
+                                yield event
+                            if follow.finished:
+                                return
+                        follow.ended_cleanly()
+                        continue
+            except httpx.TransportError as exc:
+                follow.failed(unreachable(self.url, exc))
+            await asyncio.sleep(follow.delay)

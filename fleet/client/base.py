@@ -1,0 +1,256 @@
+"""What both clients share: errors, each request described once, and configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from fleet import __version__
+from fleet.errors import FleetError
+from fleet.models import (
+    Checkpoint,
+    CloseAccepted,
+    NodeInfo,
+    NodeList,
+    SessionInfo,
+    SessionList,
+    SessionMetrics,
+    SessionPage,
+    State,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+# The server writes a comment line every 15 s on an idle stream: a stream silent for
+# much longer than that is dead, not idle.
+STREAM_READ_TIMEOUT = 60.0
+WAIT_MARGIN = 10.0  # a close with ?wait=S may take S seconds plus a round trip or two
+RETRYABLE_STATUS = frozenset({502, 503, 504})  # a proxy or a draining node: try again
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+# ---- errors ----------------------------------------------------------------------------
+
+
+class FleetAPIError(FleetError):
+    """A node answered with an error: ``status`` is the HTTP status, ``code`` the
+    machine-readable code from the body (``not_found``, ``draining``...)."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.detail}"
+
+
+class FleetConnectionError(FleetError):
+    """No answer: the node is down, the URL is wrong, or the request timed out."""
+
+    code = "unreachable"
+
+
+def api_error(resp: httpx.Response) -> FleetAPIError:
+    """The error a response stands for. fleet answers ``{"detail", "code"}``; a proxy in
+    front of it may answer HTML, which becomes ``http_<status>``."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "detail" in body:
+        detail = body["detail"] if isinstance(body["detail"], str) else json.dumps(body["detail"])
+        return FleetAPIError(resp.status_code, str(body.get("code") or "http_error"), detail)
+    reason = resp.reason_phrase or "error"
+    return FleetAPIError(resp.status_code, f"http_{resp.status_code}", f"HTTP {reason}")
+
+
+def unreachable(url: str, exc: httpx.TransportError) -> FleetConnectionError:
+    if isinstance(exc, httpx.TimeoutException):
+        why = "timed out"
+    else:
+        why = str(exc) or type(exc).__name__
+    return FleetConnectionError(f"cannot reach {url}: {why}")
+
+
+# ---- answers that have no model in fleet.models ------------------------------------------
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    """``/ready``: 200 and 503 are both answers here, not errors."""
+
+    status: str
+    reason: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+
+# ---- requests, described once ------------------------------------------------------------
+
+
+Params = Mapping[str, str | int | float]
+
+
+@dataclass(frozen=True)
+class Request(Generic[T]):
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: Params | None = None
+    body: Any = None
+    timeout: httpx.Timeout | None = None
+    answers: frozenset[int] = frozenset({200})  # statuses that are answers, not errors
+
+
+def _model(model: type[M]) -> Callable[[httpx.Response], M]:
+    return lambda resp: model.model_validate_json(resp.content)
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+def session_path(call_id: str, session_id: str, tail: str = "") -> str:
+    return f"/calls/{_seg(call_id)}/sessions/{_seg(session_id)}{tail}"
+
+
+def _clean(params: Mapping[str, str | int | float | None]) -> dict[str, str | int | float]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _close_answer(resp: httpx.Response) -> SessionInfo | CloseAccepted:
+    if resp.status_code == 202:
+        return CloseAccepted.model_validate_json(resp.content)
+    return SessionInfo.model_validate_json(resp.content)
+
+
+def _readiness(resp: httpx.Response) -> Readiness:
+    try:
+        return Readiness.model_validate_json(resp.content)
+    except ValidationError:
+        if resp.status_code != 200:  # e.g. a proxy's own 503 page: no node answered
+            raise api_error(resp) from None
+        raise
+
+
+class Requests:
+    """What each API call sends, and how its answer is read."""
+
+    @staticmethod
+    def start_session(
+        call_id: str, params: dict[str, Any] | None, call_type: str, resumable: bool
+    ) -> Request[SessionInfo]:
+        body = {"call_type": call_type, "params": params or {}, "resumable": resumable}
+        path = f"/calls/{_seg(call_id)}/sessions"
+        return Request("POST", path, _model(SessionInfo), body=body, answers=frozenset({201}))
+
+    @staticmethod
+    def get_session(call_id: str, session_id: str) -> Request[SessionInfo]:
+        return Request("GET", session_path(call_id, session_id), _model(SessionInfo))
+
+    @staticmethod
+    def list_call_sessions(call_id: str) -> Request[list[SessionInfo]]:
+        path = f"/calls/{_seg(call_id)}/sessions"
+        return Request("GET", path, lambda r: SessionList.model_validate_json(r.content).sessions)
+
+    @staticmethod
+    def list_sessions(
+        state: State | str | None, node_id: str | None, limit: int | None, cursor: str | None
+    ) -> Request[SessionPage]:
+        params = _clean({"state": state, "node_id": node_id, "limit": limit, "cursor": cursor})
+        return Request("GET", "/sessions", _model(SessionPage), params=params)
+
+    @staticmethod
+    def close_session(
+        call_id: str, session_id: str, wait: float | None, timeout: httpx.Timeout
+    ) -> Request[SessionInfo | CloseAccepted]:
+        params = _clean({"wait": wait})
+        if wait is not None:
+            read = max(timeout.read or 0.0, wait + WAIT_MARGIN)
+            timeout = httpx.Timeout(timeout.connect, read=read, write=timeout.write, pool=None)
+        path = session_path(call_id, session_id)
+        return Request(
+            "DELETE", path, _close_answer, params, timeout=timeout, answers=frozenset({200, 202})
+        )
+
+    @staticmethod
+    def get_checkpoint(call_id: str, session_id: str, version: int | None) -> Request[Checkpoint]:
+        path = session_path(call_id, session_id, "/checkpoint")
+        return Request("GET", path, _model(Checkpoint), params=_clean({"version": version}))
+
+    @staticmethod
+    def session_metrics(call_id: str, session_id: str) -> Request[SessionMetrics]:
+        path = session_path(call_id, session_id, "/metrics")
+        return Request("GET", path, _model(SessionMetrics))
+
+    @staticmethod
+    def nodes() -> Request[list[NodeInfo]]:
+        return Request("GET", "/nodes", lambda r: NodeList.model_validate_json(r.content).nodes)
+
+    @staticmethod
+    def health() -> Request[Health]:
+        return Request("GET", "/health", _model(Health))
+
+    @staticmethod
+    def ready() -> Request[Readiness]:
+        return Request("GET", "/ready", _readiness, answers=frozenset({200, 503}))
+
+
+def answer(req: Request[T], resp: httpx.Response) -> T:
+    if resp.status_code not in req.answers:
+        raise api_error(resp)
+    try:
+        return req.parse(resp)
+    except (ValidationError, ValueError):
+        raise FleetAPIError(
+            resp.status_code, "invalid_response", "the answer is not fleet's (wrong URL?)"
+        ) from None
+
+
+# ---- the clients -------------------------------------------------------------------------
+
+
+class ClientBase:
+    """Configuration both clients share: URL, token, timeouts, headers."""
+
+    def __init__(
+        self, url: str | None, token: str | None, timeout: float | httpx.Timeout | None
+    ) -> None:
+        self.url = (url or os.environ.get("FLEET_URL") or DEFAULT_URL).rstrip("/")
+        if not self.url.startswith(("http://", "https://")):
+            raise FleetError(f"the fleet URL must start with http:// or https://: {self.url!r}")
+        token = token if token is not None else os.environ.get("FLEET_TOKEN")
+        self._token = token or None
+        if timeout is None:
+            self.timeout = DEFAULT_TIMEOUT
+        elif isinstance(timeout, httpx.Timeout):
+            self.timeout = timeout
+        else:
+            self.timeout = httpx.Timeout(timeout)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"User-Agent": f"fleet-client/{__version__}", "Accept": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
+
+    def _stream_timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout.connect, read=STREAM_READ_TIMEOUT, write=10.0, pool=None)
+
+    def __repr__(self) -> str:
+        token = "'***'" if self._token else "None"
+        return f"{type(self).__name__}(url={self.url!r}, token={token})"

@@ -1,0 +1,175 @@
+"""``FleetClient``: the API of a fleet, blocking."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from typing import Any
+
+import httpx
+
+from fleet.client.base import (
+    RETRYABLE_STATUS,
+    ClientBase,
+    Health,
+    Readiness,
+    Request,
+    Requests,
+    T,
+    answer,
+    api_error,
+    session_path,
+    unreachable,
+)
+from fleet.client.sse import Follow, ServerSentEvent
+from fleet.models import (
+    Checkpoint,
+    CloseAccepted,
+    NodeInfo,
+    SessionInfo,
+    SessionMetrics,
+    SessionPage,
+    State,
+)
+
+
+class FleetClient(ClientBase):
+    """The API of a fleet node (or of the load balancer in front of several), blocking.
+
+    Use it as a context manager, or call ``close()``. ``transport`` replaces httpx's
+    network transport (tests pass an in-process one)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(url, token, timeout)
+        self._http = httpx.Client(
+            base_url=self.url, headers=self._headers(), timeout=self.timeout, transport=transport
+        )
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, req: Request[T]) -> T:
+        try:
+            resp = self._http.request(
+                req.method,
+                req.path,
+                params=req.params,
+                json=req.body,
+                timeout=req.timeout or httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TransportError as exc:
+            raise unreachable(self.url, exc) from exc
+        return answer(req, resp)
+
+    def start_session(
+        self,
+        call_id: str,
+        params: dict[str, Any] | None = None,
+        call_type: str = "default",
+        resumable: bool = True,
+    ) -> SessionInfo:
+        """Start a session of the node's worker in ``call_id``."""
+        return self._send(Requests.start_session(call_id, params, call_type, resumable))
+
+    def get_session(self, call_id: str, session_id: str) -> SessionInfo:
+        return self._send(Requests.get_session(call_id, session_id))
+
+    def list_call_sessions(self, call_id: str) -> list[SessionInfo]:
+        """The call's sessions, live ones first."""
+        return self._send(Requests.list_call_sessions(call_id))
+
+    def list_sessions(
+        self,
+        *,
+        state: State | str | None = None,
+        node_id: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> SessionPage:
+        """One page of the fleet-wide list; ``next_cursor`` asks for the next."""
+        return self._send(Requests.list_sessions(state, node_id, limit, cursor))
+
+    def iter_sessions(
+        self, *, state: State | str | None = None, node_id: str | None = None, page_size: int = 100
+    ) -> Generator[SessionInfo, None, None]:
+        """Every session of the fleet, page after page."""
+        cursor: str | None = None
+        while True:
+            page = self.list_sessions(state=state, node_id=node_id, limit=page_size, cursor=cursor)
+            yield from page.sessions
+            if page.next_cursor is None or page.next_cursor == cursor:
+                return
+            cursor = page.next_cursor
+
+    def close_session(
+        self, call_id: str, session_id: str, wait: float | None = None
+    ) -> SessionInfo | CloseAccepted:
+        """Ask for the close. With ``wait``, the final ``SessionInfo`` once the session
+        ended, or ``CloseAccepted`` if it still runs after ``wait`` seconds."""
+        return self._send(Requests.close_session(call_id, session_id, wait, self.timeout))
+
+    def get_checkpoint(
+        self, call_id: str, session_id: str, version: int | None = None
+    ) -> Checkpoint:
+        return self._send(Requests.get_checkpoint(call_id, session_id, version))
+
+    def session_metrics(self, call_id: str, session_id: str) -> SessionMetrics:
+        return self._send(Requests.session_metrics(call_id, session_id))
+
+    def nodes(self) -> list[NodeInfo]:
+        """The live nodes of the fleet."""
+        return self._send(Requests.nodes())
+
+    def health(self) -> Health:
+        return self._send(Requests.health())
+
+    def ready(self) -> Readiness:
+        """Readiness of the node that answers; ``.ready`` is False on a 503."""
+        return self._send(Requests.ready())
+
+    def events(
+        self,
+        call_id: str,
+        session_id: str,
+        last_event_id: str | None = None,
+        *,
+        reconnect: bool = True,
+    ) -> Generator[ServerSentEvent, None, None]:
+        """The session's events from the start (or after ``last_event_id``), live, until
+        ``session_ended``. A cut stream is resumed where it stopped, on whatever node
+        answers. Break out early with ``contextlib.closing`` to free the connection."""
+        follow = Follow(session_path(call_id, session_id, "/events"), last_event_id, reconnect)
+        while not follow.finished:
+            try:
+                with self._http.stream(
+                    "GET", follow.path, headers=follow.open(), timeout=self._stream_timeout()
+                ) as resp:
+                    if resp.status_code != 200:
+                        resp.read()
+                        error = api_error(resp)
+                        if resp.status_code not in RETRYABLE_STATUS:
+                            raise error
+                        follow.failed(error)
+                    else:
+                        for chunk in resp.iter_bytes():
+                            yield from follow.feed(chunk)
+                            if follow.finished:
+                                return
+                        follow.ended_cleanly()
+                        continue
+            except httpx.TransportError as exc:
+                follow.failed(unreachable(self.url, exc))
+            time.sleep(follow.delay)

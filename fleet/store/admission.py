@@ -1,0 +1,69 @@
+"""Admission: every limit checked and the slot reserved in one atomic step (``admit.lua``),
+and slots given back or put back.
+
+The slots of all nodes live in the fleet-wide ``{g}`` slot (``keys.py``), so the per-call,
+fleet-wide and per-node counts are read and changed together: under any race, across any
+number of nodes, no limit is ever exceeded.
+"""
+
+from __future__ import annotations
+
+from fleet.errors import AdmissionRejected, NotAccepting
+from fleet.store.base import Call, StoreBase, limit_arg
+from fleet.store.keys import make_ref
+from fleet.store.scripts import AdmitResult
+
+_ADMIT_DETAIL = {
+    AdmitResult.MAX_SESSIONS_PER_CALL: "this call already has its maximum number of sessions",
+    AdmitResult.MAX_SESSIONS: "the fleet already runs its maximum number of sessions",
+    AdmitResult.NODE_CAPACITY: "this node is at capacity; retry, another node may have room",
+}
+
+
+class Admission(StoreBase):
+    async def admit(self, node_id: str, call_id: str, session_id: str) -> None:
+        """Check every limit and reserve a slot for the session on ``node_id``."""
+        k, s = self.keys, self._settings
+        code, _ = await self.scripts(
+            "admit",
+            [k.nodes(), k.node_sessions(node_id), k.call_counts(), k.live()],
+            [
+                node_id,
+                make_ref(call_id, session_id),
+                call_id,
+                limit_arg(s.max_sessions_per_call),
+                limit_arg(s.max_sessions),
+                limit_arg(s.max_sessions_per_node),
+            ],
+        )
+        result = AdmitResult(code)
+        if result is AdmitResult.OK:
+            return
+        if result is AdmitResult.NOT_READY:
+            raise NotAccepting("not_ready", "this node's lease is not held; retry another node")
+        raise AdmissionRejected(result.value, _ADMIT_DETAIL[result])
+
+    def _release_call(self, node_id: str, call_id: str, session_id: str) -> Call:
+        k = self.keys
+        return (
+            "release",
+            [k.node_sessions(node_id), k.call_counts(), k.live(), k.ended()],
+            [make_ref(call_id, session_id), call_id, self._tombstone_ms],
+        )
+
+    async def release(self, node_id: str, call_id: str, session_id: str) -> bool:
+        """Free a session's slot, once; the session is listed as ended (a listing drops it
+        when it has no tombstone)."""
+        return bool(await self.scripts(*self._release_call(node_id, call_id, session_id)))
+
+    async def reassert_slot(
+        self, node_id: str, call_id: str, session_id: str, start: float
+    ) -> bool:
+        k = self.keys
+        return bool(
+            await self.scripts(
+                "reassert",
+                [k.node_sessions(node_id), k.call_counts(), k.live()],
+                [make_ref(call_id, session_id), call_id, int(start * 1000)],
+            )
+        )

@@ -1,0 +1,116 @@
+"""Nodes and their leases: renewal, who is live, and taking sessions away from dead nodes
+(``reap.lua``) and draining ones (``handoff.lua``), at most once each."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from fleet.models import NodeInfo
+from fleet.store.base import StoreBase, limit_arg
+from fleet.store.keys import split_ref
+from fleet.store.scripts import HandoffResult, HeartbeatStatus, ReapResult
+
+
+class Nodes(StoreBase):
+    async def heartbeat(self, node_id: str, info: dict[str, str]) -> HeartbeatStatus:
+        k = self.keys
+        fields = [x for pair in info.items() for x in pair]
+        status, _ = await self.scripts(
+            "heartbeat",
+            [k.nodes(), k.node_info(node_id)],
+            [node_id, int(self._settings.node_ttl * 1000), *fields],
+        )
+        return HeartbeatStatus(status)
+
+    async def node_slots(self, node_id: str) -> set[str]:
+        return cast(set[str], await self.redis.smembers(self.keys.node_sessions(node_id)))
+
+    async def count_live_nodes(self) -> int:
+        return len(await self.scripts("expired_nodes", [self.keys.nodes()], [0, "live"]))
+
+    async def live_nodes(self) -> list[NodeInfo]:
+        """Nodes whose lease is held, by Redis' clock. Two round trips."""
+        k = self.keys
+        now_s, now_us = await self.redis.time()
+        now_ms = now_s * 1000 + now_us // 1000
+        ids = cast(list[str], await self.redis.zrangebyscore(k.nodes(), now_ms, "+inf"))
+        pipe = self.redis.pipeline(transaction=False)
+        for node_id in ids:
+            pipe.hgetall(k.node_info(node_id))
+            pipe.scard(k.node_sessions(node_id))
+        raw = await pipe.execute()
+        nodes = []
+        for node_id, info, count in zip(ids, raw[::2], raw[1::2], strict=True):
+            if not info:
+                continue
+            capacity = info.get("capacity", "")
+            nodes.append(
+                NodeInfo(
+                    node_id=node_id,
+                    host=info.get("host", ""),
+                    started_at=float(info.get("started_at", "0")),
+                    last_heartbeat=int(info.get("last_heartbeat_ms", "0")) / 1000,
+                    sessions=int(count),
+                    capacity=int(capacity) if capacity else None,
+                    draining=info.get("draining") == "1",
+                    version=info.get("version", ""),
+                )
+            )
+        return nodes
+
+    async def expired_nodes(self, limit: int = 100) -> list[str]:
+        return list(await self.scripts("expired_nodes", [self.keys.nodes()], [limit]))
+
+    async def reap(
+        self, dead: str, ref: str, target: str = "", target_capacity: int | None = None
+    ) -> ReapResult:
+        """Take one session away from a dead node: move its slot to ``target`` or release
+        it. Exactly one reaper wins for each session."""
+        k = self.keys
+        call_id, _ = split_ref(ref)
+        result = await self.scripts(
+            "reap",
+            [
+                k.nodes(),
+                k.node_sessions(dead),
+                k.node_sessions(target) if target else k.node_sessions(dead),
+                k.call_counts(),
+                k.live(),
+                k.ended(),
+            ],
+            [dead, ref, call_id, target, limit_arg(target_capacity), self._tombstone_ms],
+        )
+        return ReapResult(result)
+
+    async def handoff(
+        self, node_id: str, ref: str, target: str, capacity: int | None
+    ) -> HandoffResult:
+        k = self.keys
+        result = await self.scripts(
+            "handoff",
+            [k.nodes(), k.node_sessions(node_id), k.node_sessions(target)],
+            [ref, target, limit_arg(capacity)],
+        )
+        return HandoffResult(result)
+
+    async def forget_node(self, node_id: str) -> bool:
+        k = self.keys
+        return bool(
+            await self.scripts(
+                "forget_node",
+                [k.nodes(), k.node_sessions(node_id), k.node_info(node_id)],
+                [node_id],
+            )
+        )
+
+    async def remove_node(self, node_id: str) -> bool:
+        """A clean shutdown: the node leaves the registry at once, unless it still holds
+        slots (then its lease lapses and the reapers take care of them)."""
+        k = self.keys
+        if await self.redis.scard(k.node_sessions(node_id)):
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(k.nodes(), node_id)
+        pipe.delete(k.node_info(node_id))
+        await pipe.execute()
+        return True

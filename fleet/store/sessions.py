@@ -1,0 +1,235 @@
+"""Session records and what is written under their fencing: create, run, checkpoint, emit,
+close, claim for a new owner, end; and the maintenance pass's look at a node's sessions.
+
+Every write a session's owner makes names the owner and epoch it was made under, and the
+script refuses it once ownership has moved on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from redis.crc import key_slot
+
+from fleet.metrics import redis_timer
+from fleet.models import SessionRecord, State
+from fleet.store.admission import Admission
+from fleet.store.base import Call, to_json
+from fleet.store.keys import split_ref
+from fleet.store.scripts import EndResult
+
+# Sessions per watch.lua call: big enough to be cheap, small enough to keep Redis snappy.
+WATCH_CHUNK = 500
+
+
+class Sessions(Admission):
+    def _create_call(self, record: SessionRecord) -> Call:
+        k = self.keys
+        fields = [x for pair in record.to_hash().items() for x in pair]
+        return (
+            "create_session",
+            [
+                k.session(record.call_id, record.session_id),
+                k.call_live(record.call_id),
+                k.call_ended(record.call_id),
+            ],
+            [int(record.started_at * 1000), record.session_id, *fields],
+        )
+
+    def _mark_running_call(self, record: SessionRecord, event: str, data: Any) -> Call:
+        c, sid = record.call_id, record.session_id
+        return (
+            "mark_running",
+            [self.keys.session(c, sid), self.keys.events(c, sid)],
+            [
+                record.node_id,
+                record.epoch,
+                self._settings.events_maxlen,
+                event,
+                to_json(data),
+                self._announce(c, sid),
+            ],
+        )
+
+    async def create(self, record: SessionRecord) -> bool:
+        """Write a new record, or write back one Redis lost. Never overwrites."""
+        return bool(await self.scripts(*self._create_call(record)))
+
+    async def create_running(self, record: SessionRecord) -> bool:
+        """Write a new session's record as running. Its stream starts empty: the
+        ``session_started`` event is made from the record (``fleet/events.py``), so a
+        session that emits nothing costs no stream. False if a record was there."""
+        record.state = State.RUNNING
+        return await self.create(record)
+
+    async def mark_running(self, record: SessionRecord, event: str, data: Any) -> str:
+        """starting -> running for this owner and epoch, emitting the lifecycle ``event``
+        (``session_started`` or ``session_resumed``). Returns the state, or ``lease_lost``."""
+        return str(await self.scripts(*self._mark_running_call(record, event, data)))
+
+    async def end(
+        self,
+        record: SessionRecord,
+        reason: str,
+        *,
+        error: str = "",
+        owner: str | None = None,
+        any_epoch: bool = False,
+        release_from: str | None = None,
+        notify: tuple[str, Iterable[str]] = ("", ()),
+    ) -> EndResult:
+        """End a session (fenced by owner and epoch, emitting ``session_ended``) and release
+        its slot, in one round trip.
+
+        ``owner`` defaults to the record's node; the reaper passes the dead node with
+        ``any_epoch``. ``release_from`` names the node whose slot to free (default: the
+        owner; ``""`` for none). ``notify``: a message and the nodes to publish it to once
+        the session is ended (now or before), in the same step.
+        """
+        message, nodes = notify
+        k = self.keys
+        c, sid = record.call_id, record.session_id
+        owner = owner or record.node_id
+        calls: list[Call] = [
+            (
+                "end_session",
+                [
+                    k.session(c, sid),
+                    k.call_live(c),
+                    k.call_ended(c),
+                    k.checkpoint(c, sid),
+                    k.events(c, sid),
+                ],
+                [
+                    owner,
+                    "" if any_epoch else record.epoch,
+                    reason,
+                    repr(time.time()),
+                    self._settings.tombstone_ttl,
+                    error,
+                    self._settings.events_maxlen,
+                    to_json({"end_reason": reason}),
+                    self._announce(c, sid),
+                    message,
+                    *(k.node_channel(node) for node in nodes),
+                ],
+            )
+        ]
+        if release_from != "":
+            calls.append(self._release_call(release_from or owner, c, sid))
+        results = await self.scripts.run_pipeline(calls)
+        return EndResult(int(results[0]))
+
+    async def checkpoint(self, record: SessionRecord, state_json: str, history: int) -> int:
+        """Save a checkpoint under the record's owner and epoch; -1 when fenced out."""
+        k = self.keys
+        c, sid = record.call_id, record.session_id
+        return int(
+            await self.scripts(
+                "checkpoint",
+                [k.session(c, sid), k.checkpoint(c, sid)],
+                [record.node_id, record.epoch, state_json, repr(time.time()), history],
+            )
+        )
+
+    async def emit(self, record: SessionRecord, type: str, data_json: str) -> str | int:
+        """Append an event to the session's stream, fenced like a checkpoint. Returns the
+        entry id, or ``FENCED`` / ``MISSING``."""
+        c, sid = record.call_id, record.session_id
+        result = await self.scripts(
+            "emit",
+            [self.keys.session(c, sid), self.keys.events(c, sid)],
+            [
+                record.node_id,
+                record.epoch,
+                self._settings.events_maxlen,
+                type,
+                data_json,
+                self._announce(c, sid),
+            ],
+        )
+        return result if isinstance(result, int) else str(result)
+
+    async def claim(self, ref: str, previous: str, new_owner: str, message: str) -> int:
+        """Give a session whose slot moved to ``new_owner``: epoch + 1, and a message to the
+        new owner. Returns the new epoch, or ``FENCED``."""
+        return int(
+            await self.scripts(
+                "claim",
+                [self.keys.session(*split_ref(ref))],
+                [previous, new_owner, self.keys.node_channel_prefix(), message],
+            )
+        )
+
+    async def request_close(
+        self,
+        call_id: str,
+        session_id: str,
+        reason: str,
+        message: str,
+        *,
+        asker: str = "",
+        principal: str = "",
+    ) -> tuple[str, str, SessionRecord | None]:
+        """Set the close flag, write ``session_closing`` and publish ``message`` to the
+        owner (unless the owner is ``asker``), in one round trip. With ``principal``, a
+        session someone else started counts as missing. Returns (status, owner, record):
+        status ``missing``, ``closing`` or ``ended`` (then with the ended record)."""
+        c, sid = call_id, session_id
+        status, *rest = await self.scripts(
+            "request_close",
+            [self.keys.session(c, sid), self.keys.events(c, sid)],
+            [
+                reason,
+                repr(time.time()),
+                self.keys.node_channel_prefix(),
+                message,
+                asker,
+                principal,
+                self._settings.events_maxlen,
+                to_json({"reason": reason}),
+                self._announce(c, sid),
+            ],
+        )
+        if status == "missing":
+            return "missing", "", None
+        owner, fields = str(rest[0]), rest[1:]
+        record = None
+        if status == "ended":
+            record = SessionRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
+        return str(status), owner, record
+
+    async def watch(
+        self, node_id: str, sessions: list[tuple[str, int]]
+    ) -> tuple[int, list[tuple[int, str, str]]]:
+        """The node's slot count, and the sessions among ``sessions`` (ref, epoch) that need
+        attention as (index, code, detail): see ``watch.lua``. One round trip: the sessions
+        go in pipelined chunks (on Cluster, one hash slot per chunk)."""
+        groups: dict[int, list[int]] = {}
+        for i, (ref, _) in enumerate(sessions):
+            slot = key_slot(self.keys.session(*split_ref(ref)).encode()) if self.cluster else 0
+            groups.setdefault(slot, []).append(i)
+        chunks: list[list[int]] = []
+        for indexes in groups.values():
+            for start in range(0, len(indexes), WATCH_CHUNK):
+                chunks.append(indexes[start : start + WATCH_CHUNK])
+        calls: list[Call] = [
+            (
+                "watch",
+                [self.keys.session(*split_ref(sessions[i][0])) for i in chunk],
+                [node_id, *(sessions[i][1] for i in chunk)],
+            )
+            for chunk in chunks
+        ]
+        slot_key = self.keys.node_sessions(node_id)
+        with redis_timer("watch"):
+            count, *answers = await self.scripts.run_pipeline(
+                calls, before=lambda pipe: pipe.scard(slot_key)
+            )
+        found: list[tuple[int, str, str]] = []
+        for chunk, flat in zip(chunks, answers, strict=True):
+            for j in range(0, len(flat), 3):
+                found.append((chunk[int(flat[j]) - 1], str(flat[j + 1]), str(flat[j + 2])))
+        return int(count), found
