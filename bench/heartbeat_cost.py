@@ -64,7 +64,7 @@ _TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
 def _script_names() -> dict[str, str]:
-    """SHA1 -> script name, for every script in fleet/lua."""
+    """SHA1 -> script name, for every script in fleet/store/lua."""
     import hashlib
 
     from fleet.store.scripts import Scripts

@@ -300,7 +300,7 @@ def report(
         "and events), and a full (generation 2) collection walks all of them: it takes "
         "longer the more sessions live. A serving node freezes what its start-up built and "
         "runs a full collection every 100 middle-generation collections instead of "
-        "CPython's 10 (`fleet/gc_tuning.py`; docs/operations.md), so they are few. With "
+        "CPython's 10 (`fleet/serve/gc_tuning.py`; docs/operations.md), so they are few. With "
         f"maintenance every 5 s: {gc_count.fmt('', 0)} full collections while starting "
         f"{sessions:,} sessions, {gc_total.fmt(' s')} of pauses in all, the longest "
         f"{gc_max.ms(0)}; all the full collections of a run freed "

@@ -7,7 +7,7 @@ counting proxy (in the benchmark process) that reads the Redis protocol both way
 **round trip** is a batch of commands a connection sends while it has no reply
 outstanding, up to the replies to all of them (a pipeline is one round trip; a script
 call is one command, whatever it runs inside). The proxy names each command (``EVALSHA``
-by its script, from ``fleet/lua``) so every round trip is listed with what it carried.
+by its script, from ``fleet/store/lua``) so every round trip is listed with what it carried.
 Alongside, ``INFO commandstats`` (every command Redis executed, those inside scripts
 included) and ``INFO stats`` ``total_commands_processed`` are read before and after.
 

@@ -35,7 +35,7 @@ class StoreBase:
 
     def _announce(self, call_id: str, session_id: str) -> str:
         """The channel a stream write is announced on: only on Cluster, where nodes cannot
-        block on all their streams in one read (``fleet/events_cluster.py``)."""
+        block on all their streams in one read (``fleet/events/cluster.py``)."""
         return self.keys.events_channel(call_id, session_id) if self.cluster else ""
 
     async def load(self) -> None:

@@ -99,6 +99,6 @@ class Keys:
 
     def events_channel(self, call_id: str, session_id: str) -> str:
         """Redis Cluster only: the channel a stream write is announced on, so that nodes
-        with listeners read it (``fleet/events_cluster.py``). It carries the call's hash
+        with listeners read it (``fleet/events/cluster.py``). It carries the call's hash
         tag like the stream, so it moves with its slot should it ever be sharded."""
         return f"{self._call(call_id)}:chan:events:{session_id}"

@@ -59,7 +59,7 @@ class Sessions(Admission):
 
     async def create_running(self, record: SessionRecord) -> bool:
         """Write a new session's record as running. Its stream starts empty: the
-        ``session_started`` event is made from the record (``fleet/events.py``), so a
+        ``session_started`` event is made from the record (``fleet/events/listener.py``), so a
         session that emits nothing costs no stream. False if a record was there."""
         record.state = State.RUNNING
         return await self.create(record)

@@ -1,6 +1,6 @@
 """Live events of a session, from any node: Server-Sent Events and a WebSocket.
 
-Both read through the node's ``EventDispatcher`` (``fleet/events.py``): a client costs a
+Both read through the node's ``EventDispatcher`` (``fleet/events/dispatcher.py``): a client costs a
 small buffer, not a Redis connection. Both resume strictly after a given event id and end
 after ``session_ended``.
 """
