@@ -127,13 +127,12 @@ class Maintenance:
         await self._release_strays(slots)
 
     async def _release_strays(self, slots: set[str]) -> None:
-        """Slots this node holds for sessions it does not run, once seen twice (a start in
-        flight holds a slot before its session exists): resume or release them."""
+        """Slots this node holds for sessions it does not run: resume, claim or release
+        them (``Moves.settle_strays``)."""
         strays = slots - set(self._sessions) - self._pending
-        confirmed = strays & self._strays
-        self._strays = strays - confirmed
-        if confirmed:
-            await self._moves.adopt_or_release(sorted(confirmed))
+        self._strays = (
+            await self._moves.settle_strays(sorted(strays), self._strays) if strays else set()
+        )
 
 
 async def enforce_limits(settings: Settings, sessions: Mapping[str, LocalSession]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from fleet import metrics
@@ -22,7 +22,7 @@ from fleet.models import EndReason, NodeInfo, State
 from fleet.runtime.control import Message
 from fleet.runtime.session import LocalSession, SessionHost
 from fleet.store.keys import split_ref
-from fleet.store.scripts import FENCED, HandoffResult, ReapResult
+from fleet.store.scripts import FENCED, TAKEN, HandoffResult, ReapResult
 from fleet.worker import WorkerSpec
 
 log = logging.getLogger("fleet.failover")
@@ -74,6 +74,9 @@ class Moves:
         self._worker = worker
         self._adopt = adopt
         self._resuming: set[str] = set()
+        #: A test hook: awaited between a move's two steps (the slot has moved, the claim
+        #: has not run), so a test can pause a mover exactly there.
+        self.before_claim: Callable[[str], Awaitable[None]] | None = None
 
     def _extra(self, ref: str) -> dict[str, str]:
         call_id, session_id = split_ref(ref)
@@ -134,15 +137,18 @@ class Moves:
         log.warning("session lost with node %s", dead, extra=self._extra(ref))
 
     async def _claim(self, ref: str, previous: str, target: str) -> bool:
-        """The second step of a move. When the record no longer belongs to ``previous``
-        (it ended meanwhile) the slot that moved is given back."""
+        """The second step of a move. When the session ended meanwhile the slot that moved
+        is given back; when another node holds it already (the target finished this claim
+        itself while this mover was paused) the slot is that node's and stays."""
+        if self.before_claim is not None:
+            await self.before_claim(ref)
         message = Message("resume", ref).encode()
         epoch = await self.registry.claim(ref, previous, target, message)
         if epoch == FENCED:
             call_id, session_id = split_ref(ref)
             await self.registry.release(target, call_id, session_id)
             return False
-        return True
+        return epoch != TAKEN
 
     # -- draining -----------------------------------------------------------------------
     async def hand_off_targets(self) -> Targets:
@@ -190,16 +196,23 @@ class Moves:
         finally:
             self._resuming.discard(ref)
 
-    async def adopt_or_release(self, refs: Iterable[str]) -> None:
-        """Slots this node holds for sessions it does not run: resume those that were
-        claimed for it (the claim's message was lost, or the mover died before claiming),
-        release the rest."""
+    async def settle_strays(self, refs: Iterable[str], seen_before: set[str]) -> set[str]:
+        """Slots this node holds for sessions it does not run. A session whose record names
+        this node as its owner is resumed at once (its resume order was lost, or the mover
+        was paused and the claim finished here). The others only once seen on two passes
+        (``seen_before``): a move in flight holds a slot before its claim. Of those, a
+        session whose owner is dead is claimed and resumed (the mover died between its two
+        steps); the rest are released. Returns the strays left for the next pass."""
+        later: set[str] = set()
         live: set[str] | None = None  # read once, and only if some slot needs it
         for ref in refs:
             record = await self.registry.get(*split_ref(ref))
             if record is not None and record.state != State.ENDED:
                 if record.node_id == self.node_id:
                     await self.resume(ref)
+                    continue
+                if ref not in seen_before:
+                    later.add(ref)
                     continue
                 if live is None:
                     live = {n.node_id for n in await self.registry.live_nodes()}
@@ -208,6 +221,10 @@ class Moves:
                     if await self._claim(ref, record.node_id, self.node_id):
                         await self.resume(ref)
                     continue
+            elif ref not in seen_before:
+                later.add(ref)
+                continue
             call_id, session_id = split_ref(ref)
             if await self.registry.release(self.node_id, call_id, session_id):
                 log.warning("released a stray admission slot", extra=self._extra(ref))
+        return later

@@ -58,6 +58,7 @@ class HandoffResult(enum.StrEnum):
 
 FENCED = -1  # checkpoint.lua, emit.lua and claim.lua: this owner is fenced out
 MISSING = -2  # checkpoint.lua and emit.lua: no record (Redis lost it)
+TAKEN = -3  # claim.lua: another node holds the session now
 
 
 class HeartbeatStatus(enum.StrEnum):

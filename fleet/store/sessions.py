@@ -154,7 +154,8 @@ class Sessions(Admission):
 
     async def claim(self, ref: str, previous: str, new_owner: str, message: str) -> int:
         """Give a session whose slot moved to ``new_owner``: epoch + 1, and a message to the
-        new owner. Returns the new epoch, or ``FENCED``."""
+        new owner. Returns the new epoch, ``FENCED`` (ended or gone) or ``TAKEN`` (another
+        node holds it now)."""
         return int(
             await self.scripts(
                 "claim",

@@ -5,11 +5,15 @@
 -- ARGV[1] previous owner   ARGV[2] new owner
 -- ARGV[3] owner channel prefix (keys.py; the new owner's id is appended)
 -- ARGV[4] the message to publish
--- Returns the new epoch, or -1 when the previous owner no longer holds the session (it
--- ended, or the record is gone).
+-- Returns the new epoch; -1 when the session ended or its record is gone (the slot that
+-- moved may be freed); -3 when another node holds it now (the new owner itself finished
+-- this claim while the mover was paused, say): the slot is that node's, leave it alone.
 local rec = redis.call('HMGET', KEYS[1], 'node_id', 'state')
-if rec[1] ~= ARGV[1] or not rec[2] or rec[2] == 'ended' then
+if not rec[2] or rec[2] == 'ended' then
   return -1
+end
+if rec[1] ~= ARGV[1] then
+  return -3
 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HINCRBY', KEYS[1], 'resumed_count', 1)

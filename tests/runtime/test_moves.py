@@ -1,0 +1,88 @@
+"""Moving sessions when the mover is paused between its two steps (``reap.lua``, then
+``claim.lua``): the target finishes the claim itself, and the mover's late claim must not
+take the slot away from it (which left a session ``running`` on record that no node ran)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from fleet.runtime.node import Node
+from fleet.store.keys import make_ref
+from tests.conftest import SettingsFactory, running_node, wait_ready
+from tests.runtime.test_node import _ghost, eventually
+
+
+async def _runs(node: Node, ref: str) -> bool:
+    session = node.sessions.get(ref)
+    return session is not None and not session.done.is_set()
+
+
+async def test_a_paused_movers_late_claim_leaves_the_targets_session_alone(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    # Passes run only when the test says so (the interval is long), so the order of steps
+    # is the test's: the mover reaps, pauses, the target claims, the mover wakes.
+    quiet = {"node_ttl": 10.0, "maintenance_interval": 3600.0}
+    ghost_settings = make_settings(node_ttl=1.0)
+    await _ghost(ghost_settings, redis, ["s0"], resumable=True)
+    ref = make_ref("c", "s0")
+    # The target sorts first, and the mover has no room: the mover moves the slot there.
+    target_settings = make_settings(node_id="a-target", **quiet)
+    mover_settings = make_settings(node_id="b-mover", max_sessions_per_node=0, **quiet)
+    async with (
+        running_node(target_settings, redis) as target,
+        running_node(mover_settings, redis) as mover,
+    ):
+        await wait_ready(target)
+        await wait_ready(mover)
+        await asyncio.sleep(1.2)  # the ghost's lease lapses
+
+        paused, resume = asyncio.Event(), asyncio.Event()
+
+        async def pause(_: str) -> None:
+            paused.set()
+            await resume.wait()
+
+        mover.moves.before_claim = pause
+        reaping = asyncio.create_task(mover.maintain())
+        await asyncio.wait_for(paused.wait(), 5)
+        assert ref in await target.registry.node_slots("a-target")  # step one done
+
+        # The target finds the slot (once to notice, once to act) and finishes the claim.
+        await target.maintain()
+        await target.maintain()
+        await eventually(lambda: _runs(target, ref), timeout=5)
+
+        mover.moves.before_claim = None
+        resume.set()
+        await asyncio.wait_for(reaping, 5)  # the mover's claim is refused now
+
+        for _ in range(3):
+            await target.maintain()
+        record = await target.registry.get("c", "s0")
+        assert record is not None
+        assert (record.node_id, record.epoch, record.state) == ("a-target", 2, "running")
+        assert ref in await target.registry.node_slots("a-target")
+        assert await _runs(target, ref), "the target stopped its copy: a ghost on record"
+        session = target.sessions[ref]
+        assert session.ctx.resumed and session.ctx.state == {"n": 10}
+
+
+async def test_a_slot_whose_record_names_this_node_is_resumed_in_one_pass(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    """The resume order was lost: the node resumes on its next pass, not two passes later."""
+    settings = make_settings(node_id="a-node", node_ttl=10.0, maintenance_interval=3600.0)
+    async with running_node(settings, redis) as node:
+        await wait_ready(node)
+        ghost_settings = make_settings(node_ttl=1.0)
+        await _ghost(ghost_settings, redis, ["s1"], resumable=True)
+        await asyncio.sleep(1.2)
+        ref = make_ref("c", "s1")
+        # Both steps of a move to this node, with the resume message going nowhere.
+        assert await node.registry.reap("ghost", ref, "a-node", None) == "moved"
+        assert await node.registry.claim(ref, "ghost", "a-node", "lost") == 2
+        await node.maintain()
+        await eventually(lambda: _runs(node, ref), timeout=5)
