@@ -7,10 +7,14 @@ owns the sessions it starts; any other principal gets 404 for them, so existence
 leak. The principal named ``admin`` sees everything. Without keys everyone is ``anonymous``
 and sees everything (and the node refuses to bind beyond loopback unless told to).
 
-The permission hooks (start, view, close, metrics) are plain dependencies (``async def``:
-a plain ``def`` would run in a thread pool, which costs more than the check): replace them
-with ``app.dependency_overrides[view_permission] = my_view_permission`` (see
-docs/security.md).
+Browsers cannot set headers on everything they send, so the event stream and the API
+documentation pages also take the token as ``?access_token=``, each on its own principal
+dependency. Every other route takes the header only.
+
+The permission hooks (start, view, stream, close, metrics) are plain
+dependencies (``async def``: a plain ``def`` would run in a thread pool, which costs more
+than the check): replace them with
+``app.dependency_overrides[view_permission] = my_view_permission`` (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from fleet.errors import FleetError
 from fleet.models import SessionRecord
 
 ADMIN = "admin"
+ACCESS_TOKEN = "access_token"  # the query parameter, where it is accepted
 
 
 class Unauthorized(FleetError):
@@ -90,6 +95,10 @@ def _authenticate(request: Request, token: str | None) -> Principal:
     return principal
 
 
+def _bearer_or_query(request: Request) -> str | None:
+    return _bearer(request) or request.query_params.get(ACCESS_TOKEN)
+
+
 async def get_principal(request: Request) -> Principal:
     return _authenticate(request, _bearer(request))
 
@@ -98,7 +107,14 @@ async def get_stream_principal(request: Request) -> Principal:
     """For the events route only: browsers' ``EventSource`` cannot send headers, so the
     token may come as ``?access_token=``. URLs end up in proxy logs and browser history:
     prefer the header wherever the client can set it."""
-    return _authenticate(request, _bearer(request) or request.query_params.get("access_token"))
+    return _authenticate(request, _bearer_or_query(request))
+
+
+async def get_docs_principal(request: Request) -> Principal:
+    """For /openapi.json, /docs and /redoc with ``FLEET_API_DOCS=auth``: a browser opening
+    the page cannot send a header, so ``?access_token=`` is taken too (same trade-off as the
+    event stream)."""
+    return _authenticate(request, _bearer_or_query(request))
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from redis.asyncio import Redis
 
 from fleet.api import create_app
@@ -22,8 +22,10 @@ from fleet.api.auth import (
     owns,
     view_permission,
 )
+from fleet.errors import ConfigError
 from fleet.models import SessionRecord
 from fleet.node import Node
+from fleet.settings import Settings, load_settings
 from tests.api.test_sessions import wait_state
 from tests.conftest import SettingsFactory, api_client, wait_ready
 
@@ -119,6 +121,78 @@ async def test_events_accept_a_query_token(secured: httpx.AsyncClient) -> None:
     assert resp.status_code == 200 and "session_ended" in resp.text
     refused = await secured.get(f"/calls/c/sessions/{sid}", params={"access_token": ALICE})
     assert refused.status_code == 401  # only the events route takes it
+
+
+DOC_PATHS = ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")
+
+
+async def test_api_docs_need_a_token_when_keys_are_set(secured: httpx.AsyncClient) -> None:
+    for path in DOC_PATHS:
+        for headers in ({}, auth("wrong" * 8)):
+            refused = await secured.get(path, headers=headers)
+            assert refused.status_code == 401, (path, refused.text)
+            assert refused.json()["code"] == "unauthorized"
+        assert (await secured.get(path, headers=auth(ALICE))).status_code == 200
+        assert (await secured.get(path, params={"access_token": BOB})).status_code == 200
+    # A browser opens the page with ?access_token=; the page fetches the document with it.
+    for page in ("/docs", "/redoc"):
+        resp = await secured.get(page, params={"access_token": ALICE})
+        assert f"/openapi.json?access_token={ALICE}" in resp.text
+        assert resp.headers["referrer-policy"] == "no-referrer"
+        assert "/openapi.json?" not in (await secured.get(page, headers=auth(ALICE))).text
+    spec = await secured.get("/openapi.json", params={"access_token": ALICE})
+    assert "/calls/{call_id}/sessions" in spec.json()["paths"]
+    assert not {"/docs", "/redoc", "/openapi.json"} & set(spec.json()["paths"])
+
+
+async def test_the_docs_page_quotes_the_token_it_echoes(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    """The Swagger page puts the document's URL in a script as it is: a token holding a
+    quote must not end that string."""
+    token = "q'</script>" + "x" * 16
+    settings = make_settings(api_keys=SecretStr(f"alice:{token}"))
+    async with api_client(settings, redis) as client:
+        page = await client.get("/docs", params={"access_token": token})
+        assert page.status_code == 200 and token not in page.text
+        assert "access_token=q%27%3C%2Fscript%3E" in page.text
+
+
+@pytest.mark.parametrize(
+    ("mode", "keys", "open_status"),
+    [("public", True, 200), ("off", True, 404), ("off", False, 404), ("auth", False, 200)],
+)
+async def test_api_docs_setting(
+    make_settings: SettingsFactory, redis: Redis, mode: str, keys: bool, open_status: int
+) -> None:
+    """``public``: open even with keys; ``off``: not served; ``auth`` without keys: open,
+    like every route then."""
+    settings = make_settings(api_keys=KEYS if keys else None, api_docs=mode)
+    async with api_client(settings, redis) as client:
+        for path in DOC_PATHS:
+            assert (await client.get(path)).status_code == open_status, path
+            with_token = await client.get(path, headers=auth(ALICE))
+            assert with_token.status_code == open_status, path
+        # The API itself keeps its rules.
+        started = await client.post("/calls/c/sessions")
+        assert started.status_code == (401 if keys else 201)
+
+
+def test_a_token_shared_by_two_principals_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request bearing it would be whichever principal the table matched last."""
+    shared = "s" * 32
+    monkeypatch.setenv("FLEET_API_KEYS", f"alice:{ALICE},bob:{shared},carol:{shared}")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    message = str(err.value)
+    assert "FLEET_API_KEYS" in message and "'bob'" in message and "'carol'" in message
+    assert shared not in message and ALICE not in message
+    with pytest.raises(ValidationError) as built:  # by hand, as an embedding app would
+        Settings(api_keys=SecretStr(f"alice:{shared},bob:{shared}"))
+    assert shared not in str(built.value)
+    # One principal with two tokens is a rotation, and the same entry twice is harmless.
+    rotation = Settings(api_keys=SecretStr(f"alice:{ALICE},alice:{shared},alice:{shared}"))
+    assert {name for name, _ in rotation.principals()} == {"alice"}
 
 
 def test_token_table_matches_in_constant_shape() -> None:
