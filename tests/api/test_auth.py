@@ -18,6 +18,7 @@ from fleet.api.auth import (
     PrincipalDep,
     RecordCheck,
     TokenTable,
+    beacon_close_permission,
     close_permission,
     owns,
     view_permission,
@@ -121,6 +122,73 @@ async def test_events_accept_a_query_token(secured: httpx.AsyncClient) -> None:
     assert resp.status_code == 200 and "session_ended" in resp.text
     refused = await secured.get(f"/calls/c/sessions/{sid}", params={"access_token": ALICE})
     assert refused.status_code == 401  # only the events route takes it
+
+
+def _beacon_token(form: str, token: str) -> dict[str, Any]:
+    """Request arguments carrying ``token`` the way ``navigator.sendBeacon`` can."""
+    if form == "query":
+        return {"params": {"access_token": token}}
+    if form == "urlencoded":  # a URLSearchParams body
+        return {"data": {"access_token": token}}
+    if form == "multipart":  # a FormData body
+        return {"files": {"access_token": (None, token)}}
+    # A string body: text/plain holding a URL-encoded form.
+    return {
+        "content": f"access_token={token}",
+        "headers": {"Content-Type": "text/plain;charset=UTF-8"},
+    }
+
+
+@pytest.mark.parametrize("form", ["query", "urlencoded", "multipart", "text"])
+async def test_the_beacon_close_takes_the_token_as_a_beacon_can_send_it(
+    secured: httpx.AsyncClient, form: str
+) -> None:
+    """A beacon cannot send ``Authorization``: without another way in, a page could never
+    close its session with keys set."""
+    sid = await _start(secured, ALICE)
+    path = f"/calls/c/sessions/{sid}/close"
+    for token, status in [("wrong" * 8, 401), ("", 401), (BOB, 404)]:
+        refused = await secured.post(path, **_beacon_token(form, token))
+        assert refused.status_code == status, (token, refused.text)
+    # Only the beacon route reads these: DELETE and the other routes keep the header.
+    denied = await secured.request(
+        "DELETE", f"/calls/c/sessions/{sid}", **_beacon_token(form, ALICE)
+    )
+    assert denied.status_code == 401
+    got = await secured.get(f"/calls/c/sessions/{sid}", headers=auth(ALICE))
+    assert got.json()["state"] == "running"
+    closed = await secured.post(path, **_merge(_beacon_token(form, ALICE)))
+    assert closed.status_code == 200, closed.text
+    assert closed.json()["end_reason"] == "closed"
+
+
+def _merge(kw: dict[str, Any]) -> dict[str, Any]:
+    """``params`` of the beacon form plus ``wait``, when the form is the query."""
+    return {**kw, "params": {"wait": 5, **kw.get("params", {})}}
+
+
+async def test_a_beacon_close_hook_can_be_replaced(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    settings = make_settings(api_keys=KEYS)
+    node = Node(settings, redis=redis)
+    app = create_app(settings, node)
+
+    async def no_beacons() -> RecordCheck:
+        return lambda record: False
+
+    app.dependency_overrides[beacon_close_permission] = no_beacons
+    async with app.router.lifespan_context(app):
+        await wait_ready(node)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fleet") as client:
+            sid = await _start(client, ALICE)
+            beacon = await client.post(
+                f"/calls/c/sessions/{sid}/close", data={"access_token": ALICE}
+            )
+            assert beacon.status_code == 404
+            closed = await client.delete(f"/calls/c/sessions/{sid}", headers=auth(ALICE))
+            assert closed.status_code == 202  # close_permission still allows it
 
 
 DOC_PATHS = ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")
