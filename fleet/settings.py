@@ -33,7 +33,11 @@ def default_node_id() -> str:
 class Settings(BaseSettings):
     """Everything a node can be told. Environment prefix ``FLEET_``."""
 
-    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused FLEET_API_KEYS must not echo its tokens, even in the
+    # ValidationError of a Settings(...) built by hand (load_settings shows messages only).
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     redis_url: SecretStr | None = None
     node_id: str = Field(default_factory=default_node_id)
@@ -41,6 +45,7 @@ class Settings(BaseSettings):
     key_prefix: str = "fleet"
     api_keys: SecretStr | None = None
     allow_unauthenticated: bool = False
+    api_docs: Literal["auth", "public", "off"] = "auth"
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -129,7 +134,11 @@ class Settings(BaseSettings):
 
 
 def parse_api_keys(raw: str) -> list[tuple[str, str]]:
+    """(principal, token) pairs. A principal may hold several tokens (rotation); a token
+    held by two principals is refused, since a request bearing it would be either of them.
+    Errors name principals, never tokens."""
     pairs: list[tuple[str, str]] = []
+    holders: dict[str, str] = {}
     for item in raw.split(","):
         item = item.strip()
         if not item:
@@ -139,6 +148,12 @@ def parse_api_keys(raw: str) -> list[tuple[str, str]]:
             # Never echo the item: it holds a token.
             raise ValueError(
                 "each entry must be 'principal:token' with a token of at least 16 characters"
+            )
+        holder = holders.setdefault(token, principal)
+        if holder != principal:
+            raise ValueError(
+                f"principals {holder!r} and {principal!r} share one token; "
+                "give each principal its own"
             )
         pairs.append((principal, token))
     return pairs

@@ -14,6 +14,7 @@ def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.node_ttl, s.maintenance_interval, s.close_grace) == (10, 5, 5)
     assert (s.drain_timeout, s.tombstone_ttl) == (30, 3600)
     assert s.max_sessions is None and s.max_sessions_per_call is None
+    assert s.api_docs == "auth"  # behind the token when keys are set
     assert s.heartbeat_interval == pytest.approx(10 / 3)
 
 
@@ -39,6 +40,7 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("FLEET_NODE_ID", "has space"),
         ("FLEET_KEY_PREFIX", "a{b}"),
         ("FLEET_API_KEYS", "alice"),
+        ("FLEET_API_DOCS", "sometimes"),
     ],
 )
 def test_invalid_values_name_the_variable(

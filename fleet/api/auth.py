@@ -7,19 +7,28 @@ owns the sessions it starts; any other principal gets 404 for them, so existence
 leak. The principal named ``admin`` sees everything. Without keys everyone is ``anonymous``
 and sees everything (and the node refuses to bind beyond loopback unless told to).
 
-The permission hooks (start, view, close, metrics) are plain dependencies (``async def``:
-a plain ``def`` would run in a thread pool, which costs more than the check): replace them
-with ``app.dependency_overrides[view_permission] = my_view_permission`` (see
-docs/security.md).
+Browsers cannot set headers on everything they send, so three kinds of route also take
+the token elsewhere, each on its own principal dependency: the event stream and the API
+documentation pages as ``?access_token=``, the beacon close also as an ``access_token``
+field of its body. Every other route takes the header only.
+
+The permission hooks (start, view, stream, close, beacon close, metrics) are plain
+dependencies (``async def``: a plain ``def`` would run in a thread pool, which costs more
+than the check): replace them with
+``app.dependency_overrides[view_permission] = my_view_permission`` (see docs/security.md).
 """
 
 from __future__ import annotations
 
+import email.message
+import email.parser
+import email.policy
 import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
+from urllib.parse import parse_qs
 
 from fastapi import Depends, Request
 
@@ -27,6 +36,7 @@ from fleet.errors import FleetError
 from fleet.models import SessionRecord
 
 ADMIN = "admin"
+ACCESS_TOKEN = "access_token"  # the query parameter and form field, where they are accepted
 
 
 class Unauthorized(FleetError):
@@ -90,6 +100,10 @@ def _authenticate(request: Request, token: str | None) -> Principal:
     return principal
 
 
+def _bearer_or_query(request: Request) -> str | None:
+    return _bearer(request) or request.query_params.get(ACCESS_TOKEN)
+
+
 async def get_principal(request: Request) -> Principal:
     return _authenticate(request, _bearer(request))
 
@@ -98,11 +112,59 @@ async def get_stream_principal(request: Request) -> Principal:
     """For the events route only: browsers' ``EventSource`` cannot send headers, so the
     token may come as ``?access_token=``. URLs end up in proxy logs and browser history:
     prefer the header wherever the client can set it."""
-    return _authenticate(request, _bearer(request) or request.query_params.get("access_token"))
+    return _authenticate(request, _bearer_or_query(request))
+
+
+async def get_docs_principal(request: Request) -> Principal:
+    """For /openapi.json, /docs and /redoc with ``FLEET_API_DOCS=auth``: a browser opening
+    the page cannot send a header, so ``?access_token=`` is taken too (same trade-off as the
+    event stream)."""
+    return _authenticate(request, _bearer_or_query(request))
+
+
+async def get_beacon_principal(request: Request) -> Principal:
+    """For the beacon close only: ``navigator.sendBeacon`` cannot send headers, so the
+    token may also come as ``?access_token=`` or as an ``access_token`` field of the body
+    (form-encoded, multipart, or ``text/plain`` holding ``access_token=<url-encoded>``).
+    The body keeps the token out of URLs, hence out of access logs: prefer it."""
+    token = _bearer_or_query(request)
+    if token is None and request.app.state.tokens:
+        token = await _body_token(request)
+    return _authenticate(request, token)
+
+
+async def _body_token(request: Request) -> str | None:
+    """The ``access_token`` field of a body a beacon can send without a preflight."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type in ("application/x-www-form-urlencoded", "text/plain"):
+        text = (await request.body()).decode("utf-8", "replace")
+        values = parse_qs(text, keep_blank_values=True, max_num_fields=100).get(ACCESS_TOKEN)
+        return values[0] if values else None
+    if media_type == "multipart/form-data":
+        return _multipart_field(content_type, await request.body(), ACCESS_TOKEN)
+    return None
+
+
+def _multipart_field(content_type: str, body: bytes, name: str) -> str | None:
+    """One text field of a ``multipart/form-data`` body (the standard library's MIME
+    parser: fleet does not depend on python-multipart for one field)."""
+    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        return None
+    for part in message.get_payload():
+        if isinstance(part, email.message.Message) and (
+            part.get_param("name", header="content-disposition") == name
+        ):
+            payload = part.get_payload(decode=True)
+            return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else None
+    return None
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 StreamPrincipalDep = Annotated[Principal, Depends(get_stream_principal)]
+BeaconPrincipalDep = Annotated[Principal, Depends(get_beacon_principal)]
 
 RecordCheck = Callable[[SessionRecord], bool]
 
@@ -149,6 +211,12 @@ async def close_permission(principal: PrincipalDep) -> RecordCheck:
     return OwnedBy(principal)
 
 
+async def beacon_close_permission(principal: BeaconPrincipalDep) -> RecordCheck:
+    """Which sessions a principal may close with a beacon (the token may come in the URL
+    or the body). A deployer who replaces ``close_permission`` replaces this one too."""
+    return OwnedBy(principal)
+
+
 async def metrics_permission(principal: PrincipalDep) -> RecordCheck:
     """Whose per-session metrics a principal may read."""
     return OwnedBy(principal)
@@ -158,4 +226,5 @@ CanStart = Annotated[Principal, Depends(start_permission)]
 CanView = Annotated[RecordCheck, Depends(view_permission)]
 CanStream = Annotated[RecordCheck, Depends(stream_permission)]
 CanClose = Annotated[RecordCheck, Depends(close_permission)]
+CanBeaconClose = Annotated[RecordCheck, Depends(beacon_close_permission)]
 CanReadMetrics = Annotated[RecordCheck, Depends(metrics_permission)]

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from fleet.api.auth import (
+    CanBeaconClose,
     CanClose,
     CanReadMetrics,
     CanStart,
@@ -149,11 +150,15 @@ async def close_session_beacon(
     call_id: CallId,
     session_id: SessionId,
     node: NodeDep,
-    allowed: CanClose,
+    allowed: CanBeaconClose,
     response: Response,
     wait: WaitSeconds = None,
 ) -> SessionInfo | CloseAccepted:
-    """The same as DELETE, for ``navigator.sendBeacon`` (which can only POST)."""
+    """The same as DELETE, for ``navigator.sendBeacon``, which can only POST and cannot
+    send headers: besides ``Authorization: Bearer``, the token may come as an
+    ``access_token`` field of the body (``application/x-www-form-urlencoded``,
+    ``multipart/form-data``, or ``text/plain`` holding ``access_token=<url-encoded token>``)
+    or as ``?access_token=`` (which lands in access logs: prefer the body)."""
     return await _close(call_id, session_id, node, allowed, wait, response)
 
 
