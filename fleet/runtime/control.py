@@ -59,11 +59,13 @@ class ControlListener:
         channel: str,
         handler: Handler,
         on_subscribed: Callable[[], Awaitable[None]],
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._redis = redis
         self._channel = channel
         self._handler = handler
         self._on_subscribed = on_subscribed
+        self._on_lost = on_lost
         self.subscribed = False
 
     async def run(self) -> None:
@@ -87,6 +89,7 @@ class ControlListener:
             except (RedisError, OSError) as exc:
                 if self.subscribed:
                     log.warning("control channel lost (%s); resubscribing", type(exc).__name__)
+                    self._on_lost()
                 self.subscribed = False
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.5)

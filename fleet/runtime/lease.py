@@ -12,6 +12,7 @@ by now: they are stopped (``lapse``), and their ends are written once Redis is b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,9 @@ from fleet.store.registry import Registry
 from fleet.store.scripts import HeartbeatStatus
 
 log = logging.getLogger("fleet.lease")
+
+#: Renewals that must fail in a row before the node calls itself not ready.
+UNREADY_AFTER = 2
 
 
 class Lease:
@@ -52,6 +56,8 @@ class Lease:
         self._session_count = session_count
         self.redis_ok = False
         self.held = False
+        self.failures = 0  # renewals failed in a row
+        self._now = asyncio.Event()
         self._last_renewal: float | None = None
         self._problem = ""  # the last ResponseError text a renewal met, if any
 
@@ -64,14 +70,26 @@ class Lease:
             # While Redis is away, knock more often: the node is ready again soon after
             # Redis is back, whatever the lease length.
             interval = self.settings.heartbeat_interval
-            await asyncio.sleep(interval if self.redis_ok else min(interval, 0.25))
+            healthy = self.redis_ok and not self.failures
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._now.wait(), interval if healthy else min(interval, 0.25)
+                )
+            self._now.clear()
             await self.renew()
+
+    def wake(self) -> None:
+        """Renew now: something (the control channel dropping) suggests Redis is away."""
+        self._now.set()
 
     async def renew(self) -> None:
         now = time.monotonic()
         try:
-            status = await self.registry.heartbeat(self.node_id, self._info())
-        except REDIS_ERRORS as exc:
+            # Retries inside the call (``command_retry``) must not outlast a renewal
+            # interval: a lease that lapses while a call retries has to be noticed.
+            async with asyncio.timeout(self.settings.heartbeat_interval):
+                status = await self.registry.heartbeat(self.node_id, self._info())
+        except (*REDIS_ERRORS, TimeoutError) as exc:
             self._failed(exc, now)
             return
         lapsed = (
@@ -79,6 +97,7 @@ class Lease:
         )
         recovering = not self.redis_ok or not self.held
         self._problem = ""
+        self.failures = 0
         self.redis_ok = True
         self._last_renewal = now
         if status is not HeartbeatStatus.OK or lapsed or recovering:
@@ -98,12 +117,18 @@ class Lease:
         metrics.LEASE_RENEWAL_FAILURES.inc()
         # Redis' own refusals (NOPERM, OOM, READONLY…) name the problem and hold no secret.
         problem = f"{type(exc).__name__}: {exc}" if isinstance(exc, ResponseError) else ""
+        self.failures += 1
         if self.redis_ok or problem != self._problem:
             log.warning(
                 "lease renewal failed: %s", problem or type(exc).__name__, extra=self._extra
             )
         self._problem = problem
-        self.redis_ok = False
+        # Readiness follows the lease, not one error: the failed call was retried already
+        # (``command_retry``), and a busy pool can still time out one renewal while Redis
+        # is healthy. Two failures in a row (the next try comes within 250 ms) say Redis
+        # is away. The lease itself only lapses after FLEET_NODE_TTL without a renewal.
+        if self.failures >= UNREADY_AFTER:
+            self.redis_ok = False
         if self._last_renewal is not None and now - self._last_renewal > self.settings.node_ttl:
             self._lapsed()
         self._changed()

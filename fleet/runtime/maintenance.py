@@ -112,7 +112,7 @@ class Maintenance:
         """Redis lost a session this node runs (a restart without persistence): write its
         record and slot back. Never overwrites a record another node wrote meanwhile."""
         record = session.record
-        if await self.registry.create(record):
+        if await self.registry.create_code(record) == 1:
             log.warning("re-asserted a session Redis had lost", extra=session.log_extra)
         await self.registry.reassert_slot(
             self.node_id, record.call_id, record.session_id, record.started_at

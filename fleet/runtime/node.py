@@ -87,6 +87,7 @@ class Node:
             self.registry.keys.node_channel(self.node_id),
             self._on_message,
             self._on_subscribed,
+            on_lost=self.lease.wake,
         )
         self._state_counts: dict[str, int] = {s: 0 for s in State if s is not State.ENDED}
         # One reader of session streams for every SSE and WebSocket client on this node.
@@ -191,7 +192,8 @@ class Node:
         if not self.lease.held:
             return False, "lease_not_held"
         if not self._listener.subscribed:
-            return False, "control_channel_down"
+            # Both down at once: Redis is away (one failed renewal alone does not say so).
+            return False, "redis_unavailable" if self.lease.failures else "control_channel_down"
         return True, "ok"
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -350,17 +352,24 @@ class Node:
         log.info("session ended (%s)", reason.value, extra=session.log_extra)
 
     async def _hand_off(self, session: LocalSession) -> bool:
-        if not (self.draining and session.record.resumable and self._handoff_targets):
+        """Whether a draining node's stopped session is no longer this node's to end:
+        handed to another node, or, when Redis did not answer, left with its slot for the
+        other nodes to resume once this node's lease lapses (ending it here would lose a
+        session that other nodes have room for). False: no node can take it."""
+        if not (self.draining and session.record.resumable):
             return False
         try:
+            if self._handoff_targets is None:
+                self._handoff_targets = await self.moves.hand_off_targets()
             return await self.moves.hand_off(session, self._handoff_targets)
         except REDIS_ERRORS as exc:
             log.warning(
-                "hand-off failed (%s): ending the session here",
+                "hand-off failed (%s): leaving the session to the other nodes, which resume "
+                "it once this node's lease lapses",
                 type(exc).__name__,
                 extra=session.log_extra,
             )
-            return False
+            return True
 
     def count_state(self, state: str, delta: int) -> None:
         if state in self._state_counts:

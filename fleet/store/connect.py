@@ -55,6 +55,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fleet.errors import ConfigError
 from fleet.settings import Settings
+from fleet.store import command_retry
 from fleet.store.topology import TLS_OPTIONS, connect_topology, is_topology_url
 
 log = logging.getLogger("fleet.redis")
@@ -173,6 +174,7 @@ def connection_options(url: str, node_ttl: float = 10.0) -> dict[str, Any]:
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "health_check_interval": max(1, int(node_ttl)),
+        "retry": command_retry(),
         **parsed,
         "decode_responses": True,  # fleet reads strings everywhere
         **_NO_CLIENT_SETINFO,

@@ -54,8 +54,14 @@ class Sessions(Admission):
         )
 
     async def create(self, record: SessionRecord) -> bool:
-        """Write a new record, or write back one Redis lost. Never overwrites."""
-        return bool(await self.scripts(*self._create_call(record)))
+        """Write a new record, or write back one Redis lost. Never overwrites. True when the
+        record is in place: written now, or by an earlier try of this same write."""
+        return await self.create_code(record) != 0
+
+    async def create_code(self, record: SessionRecord) -> int:
+        """``create``'s answer as ``create_session.lua`` gives it: 1 written, 2 there
+        already (this same write, retried), 0 another record is there."""
+        return int(await self.scripts(*self._create_call(record)))
 
     async def create_running(self, record: SessionRecord) -> bool:
         """Write a new session's record as running. Its stream starts empty: the
@@ -123,14 +129,17 @@ class Sessions(Admission):
         return EndResult(int(results[0]))
 
     async def checkpoint(self, record: SessionRecord, state_json: str, history: int) -> int:
-        """Save a checkpoint under the record's owner and epoch; -1 when fenced out."""
+        """Save a checkpoint under the record's owner and epoch, as version
+        ``record.checkpoint_version + 1`` (once: a retry of an applied write changes
+        nothing); -1 when fenced out."""
         k = self.keys
         c, sid = record.call_id, record.session_id
+        version = record.checkpoint_version + 1
         return int(
             await self.scripts(
                 "checkpoint",
                 [k.session(c, sid), k.checkpoint(c, sid)],
-                [record.node_id, record.epoch, state_json, repr(time.time()), history],
+                [record.node_id, record.epoch, state_json, repr(time.time()), history, version],
             )
         )
 

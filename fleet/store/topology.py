@@ -22,6 +22,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.sentinel import Sentinel
 
 from fleet.errors import ConfigError
+from fleet.store import command_retry
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -70,6 +71,7 @@ def _options(url: str, timeout: float) -> tuple[dict[str, Any], dict[str, str]]:
         "decode_responses": True,
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
+        "retry": command_retry(),
     }
     for name in _FLOAT_OPTIONS:
         if name in query:

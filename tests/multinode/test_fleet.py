@@ -109,11 +109,16 @@ def test_redis_restart_without_data_is_recovered() -> None:
         with LocalFleet(3, redis=redis, FLEET_NODE_TTL="3") as fleet:
             sids = [fleet.start("c")["session_id"] for _ in range(3)]
             redis.stop()
-            time.sleep(1.0)
             for node in fleet.nodes:
-                ready = fleet.http.get(f"{node.url}/ready")
+                deadline = time.monotonic() + 3.0
+                while (ready := fleet.http.get(f"{node.url}/ready")).status_code == 200:
+                    assert time.monotonic() < deadline, "still ready with Redis gone"
+                    time.sleep(0.05)
                 assert ready.status_code == 503, ready.text
-                assert ready.json()["reason"] == "redis_unavailable"
+                while ready.json()["reason"] != "redis_unavailable":
+                    assert time.monotonic() < deadline, ready.text
+                    time.sleep(0.05)
+                    ready = fleet.http.get(f"{node.url}/ready")
                 assert fleet.http.get(f"{node.url}/health").status_code == 200
                 start = fleet.http.post(f"{node.url}/calls/c/sessions")
                 assert start.status_code == 503, start.text
@@ -128,6 +133,46 @@ def test_redis_restart_without_data_is_recovered() -> None:
             for sid in sids:
                 resp = fleet.request("DELETE", f"/calls/c/sessions/{sid}", params={"wait": 5})
                 assert resp.json()["end_reason"] == "closed"
+    finally:
+        redis.stop()
+        again.stop()
+
+
+def test_after_an_empty_redis_restart_requests_succeed_and_a_drain_hands_off() -> None:
+    """Every pooled connection is stale after a restart: each call that meets one is retried
+    on a fresh connection, so once Redis has been back 2 s no request fails, and a drain
+    hands its sessions off instead of ending them ``node_shutdown``."""
+    redis = RedisServer().start()
+    again = RedisServer(redis.port)
+    try:
+        with LocalFleet(3, redis=redis, FLEET_NODE_TTL="3", FLEET_DRAIN_TIMEOUT="0.5") as fleet:
+            leaving = fleet.nodes[0]
+            sids = [fleet.start("c", node=leaving)["session_id"] for _ in range(8)]
+            paths = [f"/calls/c/sessions/{sid}" for sid in sids]
+
+            def burst() -> list[int]:
+                # Concurrent requests to every node: each pool opens several connections.
+                jobs = [(node, path) for node in fleet.nodes for path in paths] * 3
+                with ThreadPoolExecutor(16) as pool:
+                    return list(
+                        pool.map(lambda job: fleet.request("GET", job[1], job[0]).status_code, jobs)
+                    )
+
+            assert set(burst()) == {200}
+            redis.stop()
+            again.start()  # empty
+            fleet.wait_ready(timeout=10)
+            time.sleep(2.0)
+            statuses = burst() + burst()
+            assert set(statuses) == {200}, sorted(set(statuses))
+            leaving.signal(signal.SIGTERM)
+            staying = fleet.nodes[1]
+            for sid in sids:
+                info = fleet.wait_session(
+                    "c", sid, timeout=8, via=staying, state="running", epoch=2
+                )
+                assert info["node_id"] != leaving.name
+            assert leaving.wait(10) == 0
     finally:
         redis.stop()
         again.stop()

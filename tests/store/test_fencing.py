@@ -54,12 +54,13 @@ async def _race(url: str, claimers: int, stale_writes: int, seed: int) -> None:
             await jitter()
             epoch = await reg.claim(ref, "old", name, "resume")
             assert epoch == 2, epoch
-            mine = SessionRecord(
-                session_id="s", call_id="call", call_type="default", node_id=name, epoch=epoch
-            )
+            mine = await reg.get("call", "s")  # as a resume reads it
+            assert mine is not None and (mine.node_id, mine.epoch) == (name, 2)
             for i in range(3):
                 await jitter()
-                assert await reg.checkpoint(mine, json.dumps({"by": name, "i": i}), 100) > 0
+                version = await reg.checkpoint(mine, json.dumps({"by": name, "i": i}), 100)
+                assert version > mine.checkpoint_version
+                mine.checkpoint_version = version
             return name
 
         async def stale_owner() -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -289,3 +290,22 @@ async def test_events_are_bounded(redis: Redis, make_settings: SettingsFactory) 
     for i in range(300):
         await reg.emit(rec, "tick", str(i))
     assert await redis.xlen(reg.keys.events("c", "s1")) < 150
+
+
+async def test_a_retried_write_is_not_applied_twice(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    """A call whose answer was lost is tried again (``fleet.store.command_retry``): the
+    checkpoint and the record it wrote the first time are recognised, not written twice."""
+    reg = Registry(redis, make_settings())
+    rec = record("c", "s1", "n1")
+    assert await reg.create(rec)
+    assert await reg.create_code(rec) == 2  # the same write again: in place already
+    other = record("c", "s1", "n2")
+    assert await reg.create_code(other) == 0  # someone else's record: refused
+    assert await reg.checkpoint(rec, '{"n":1}', 5) == 1
+    assert await reg.checkpoint(rec, '{"n":1}', 5) == 1  # the retry: nothing new
+    rec.checkpoint_version = 1
+    assert await reg.checkpoint(rec, '{"n":2}', 5) == 2
+    kept = [json.loads(e)["version"] for e in await reg.checkpoints("c", "s1")]
+    assert kept == [2, 1]
