@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from fleet import __version__
-from fleet.api import errors
+from fleet.api import checks, errors
 from fleet.api.auth import TokenTable
 from fleet.api.middleware import HttpEdge
 from fleet.api.routes import events, health, nodes, sessions
@@ -34,11 +34,14 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
         version=__version__,
         description="Long-lived worker sessions on a fleet of stateless nodes.",
         lifespan=lifespan,
+        # Unknown query parameters and non-JSON bodies are refused, on every route.
+        dependencies=[Depends(checks.RequestChecks())],
     )
     app.state.settings = settings
     app.state.node = running
     app.state.tokens = TokenTable(settings.principals())
     errors.install(app)
+    checks.document(app)
     app.include_router(sessions.router)
     app.include_router(events.router)
     app.include_router(nodes.router)

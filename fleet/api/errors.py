@@ -25,6 +25,8 @@ STATUS: dict[type[errors.FleetError], int] = {
     errors.NotAccepting: 503,
     errors.InvalidParams: 422,
     errors.CheckpointTooLarge: 413,
+    errors.InvalidRequest: 422,
+    errors.UnsupportedMediaType: 415,
     Unauthorized: 401,
     Forbidden: 403,
 }
@@ -37,6 +39,7 @@ _HTTP_CODES = {
 }
 
 
+NOT_JSON = "the body is not valid JSON"
 INTERNAL = "internal error; see the node's log"
 
 
@@ -45,8 +48,13 @@ def error_response(status: int, detail: str, code: str, headers: Any = None) -> 
 
 
 def _describe(exc: RequestValidationError) -> str:
+    found = exc.errors()
+    if any(err.get("type") == "json_invalid" for err in found):
+        # FastAPI words a truncated body as "<offset>: JSON decode error": say it as for
+        # any other body that is not JSON.
+        return NOT_JSON
     parts = []
-    for err in exc.errors()[:5]:
+    for err in found[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
@@ -81,7 +89,7 @@ def install(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's answer to a body it cannot even decode: malformed, like any other.
-            return error_response(422, "the body is not valid JSON", "invalid_request")
+            return error_response(422, NOT_JSON, "invalid_request")
         headers = exc.headers
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": _allowed_methods(request)}
