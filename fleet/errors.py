@@ -21,6 +21,12 @@ class WorkerLoadError(FleetError):
     code = "worker_load_error"
 
 
+class CannotListen(FleetError):
+    """``fleet serve`` could not bind its address (the port is taken, or not allowed)."""
+
+    code = "cannot_listen"
+
+
 class InvalidRequest(FleetError):
     """The request is malformed in a way the route's own validation does not see (an
     unknown query parameter)."""
