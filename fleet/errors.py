@@ -21,6 +21,25 @@ class WorkerLoadError(FleetError):
     code = "worker_load_error"
 
 
+class CannotListen(FleetError):
+    """``fleet serve`` could not bind its address (the port is taken, or not allowed)."""
+
+    code = "cannot_listen"
+
+
+class InvalidRequest(FleetError):
+    """The request is malformed in a way the route's own validation does not see (an
+    unknown query parameter)."""
+
+    code = "invalid_request"
+
+
+class UnsupportedMediaType(FleetError):
+    """A body sent with a content type the route does not read."""
+
+    code = "unsupported_media_type"
+
+
 class InvalidParams(FleetError):
     """The worker refused the session's ``params``."""
 

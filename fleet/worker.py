@@ -105,9 +105,23 @@ class _FunctionWorker:
         await self._fn(ctx)
 
 
+def _build_once(import_string: str, cls: type[Any]) -> None:
+    """Make (and drop) one instance now, so that a class that cannot be built stops the
+    node at start-up instead of failing every start later."""
+    try:
+        cls()
+    except Exception as exc:
+        raise WorkerLoadError(
+            f"worker {import_string!r}: class {cls.__name__} cannot be built without "
+            f"arguments ({type(exc).__name__}: {exc}); fleet makes one instance per session "
+            "with no arguments"
+        ) from exc
+
+
 def load_worker(import_string: str) -> WorkerSpec:
     """Load ``module:attr``: a class with ``async def run(self, ctx)`` (one instance per
-    session), an instance of one, or an ``async def`` taking the context."""
+    session, built with no arguments: one is built here to check that it can be), an
+    instance of one, or an ``async def`` taking the context."""
     module_name, sep, attr_path = import_string.partition(":")
     if not sep or not module_name or not attr_path:
         raise WorkerLoadError(f"worker {import_string!r} must be 'module:attr'")
@@ -133,6 +147,7 @@ def load_worker(import_string: str) -> WorkerSpec:
                 "has no 'async def run(self, ctx)'"
             )
         cls = target
+        _build_once(import_string, cls)
         return WorkerSpec(import_string, lambda: cast(Worker, cls()), cls)
     if inspect.iscoroutinefunction(target):
         fn = target

@@ -3,8 +3,24 @@ from __future__ import annotations
 import pytest
 
 from fleet.errors import WorkerLoadError
-from fleet.worker import Worker, load_worker
+from fleet.worker import SessionContext, Worker, load_worker
 from fleet.workers.counter import Counter
+
+
+class NeedsArgs:
+    def __init__(self, api_key: str) -> None:
+        self.api_key = api_key
+
+    async def run(self, ctx: SessionContext) -> None:
+        pass
+
+
+class BreaksOnBuild:
+    def __init__(self) -> None:
+        raise RuntimeError("no model file")
+
+    async def run(self, ctx: SessionContext) -> None:
+        pass
 
 
 def test_counter_is_the_default_and_a_worker() -> None:
@@ -15,6 +31,28 @@ def test_counter_is_the_default_and_a_worker() -> None:
 def test_a_class_gives_one_instance_per_session() -> None:
     spec = load_worker("tests.workers:Quiet")
     assert spec.create() is not spec.create()
+
+
+@pytest.mark.parametrize(
+    ("target", "words"),
+    [
+        (
+            "tests.test_worker:NeedsArgs",
+            "worker 'tests.test_worker:NeedsArgs': class NeedsArgs cannot be built without "
+            "arguments (TypeError: NeedsArgs.__init__() missing 1 required positional argument: "
+            "'api_key')",
+        ),
+        (
+            "tests.test_worker:BreaksOnBuild",
+            "class BreaksOnBuild cannot be built without arguments (RuntimeError: no model file)",
+        ),
+    ],
+)
+def test_a_class_that_cannot_be_built_fails_at_load(target: str, words: str) -> None:
+    """Caught when the node starts, rather than as a 500 on every start later."""
+    with pytest.raises(WorkerLoadError) as err:
+        load_worker(target)
+    assert words in str(err.value)
 
 
 def test_an_async_function_is_a_worker() -> None:

@@ -17,7 +17,7 @@ from fastapi.openapi.docs import (
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from fleet import __version__
-from fleet.api import errors
+from fleet.api import checks, errors
 from fleet.api.auth import ACCESS_TOKEN, TokenTable, get_docs_principal
 from fleet.api.middleware import HttpEdge
 from fleet.api.routes import events, health, nodes, sessions
@@ -46,11 +46,14 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        # Unknown query parameters and non-JSON bodies are refused, on every route.
+        dependencies=[Depends(checks.RequestChecks())],
     )
     app.state.settings = settings
     app.state.node = running
     app.state.tokens = TokenTable(settings.principals())
     errors.install(app)
+    checks.document(app)
     app.include_router(sessions.router)
     app.include_router(events.router)
     app.include_router(nodes.router)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet import errors
 from fleet.api.auth import Forbidden, Unauthorized
@@ -24,6 +25,8 @@ STATUS: dict[type[errors.FleetError], int] = {
     errors.NotAccepting: 503,
     errors.InvalidParams: 422,
     errors.CheckpointTooLarge: 413,
+    errors.InvalidRequest: 422,
+    errors.UnsupportedMediaType: 415,
     Unauthorized: 401,
     Forbidden: 403,
 }
@@ -36,13 +39,22 @@ _HTTP_CODES = {
 }
 
 
+NOT_JSON = "the body is not valid JSON"
+INTERNAL = "internal error; see the node's log"
+
+
 def error_response(status: int, detail: str, code: str, headers: Any = None) -> JSONResponse:
     return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
 
 
 def _describe(exc: RequestValidationError) -> str:
+    found = exc.errors()
+    if any(err.get("type") == "json_invalid" for err in found):
+        # FastAPI words a truncated body as "<offset>: JSON decode error": say it as for
+        # any other body that is not JSON.
+        return NOT_JSON
     parts = []
-    for err in exc.errors()[:5]:
+    for err in found[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
@@ -77,7 +89,7 @@ def install(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's answer to a body it cannot even decode: malformed, like any other.
-            return error_response(422, "the body is not valid JSON", "invalid_request")
+            return error_response(422, NOT_JSON, "invalid_request")
         headers = exc.headers
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": _allowed_methods(request)}
@@ -94,5 +106,42 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal error; see the node's log", "internal_error")
+        # Only what escapes the outer middleware gets here (CatchUnexpected answers the
+        # rest). Starlette re-raises it after this answer and the server logs it: logging it
+        # here too would print its traceback twice.
+        return error_response(500, INTERNAL, "internal_error")
+
+    # Added before the other middleware, so it runs inside them: its 500 gets the request
+    # id, CORS headers and the metrics' count like any other answer.
+    app.add_middleware(CatchUnexpected)
+
+
+class CatchUnexpected:
+    """Answers 500 to an error no handler took, and logs its traceback once.
+
+    Starlette's own last resort (``ServerErrorMiddleware``) re-raises such an error to the
+    server once it has answered, and uvicorn logs it again ("Exception in ASGI
+    application"). Caught here, it goes no further: one log line, with the request's method,
+    path and id. An error after the answer began can only cut the connection short; it is
+    logged the same way."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not started:
+                await error_response(500, INTERNAL, "internal_error")(scope, receive, send)

@@ -114,7 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_from_cwd() -> None:
+    """Let ``--worker mod:Cls`` (or ``FLEET_WORKER``) name a module in the working
+    directory, as ``python -m fleet`` and uvicorn do: the ``fleet`` script's own
+    ``sys.path`` starts at its bin directory instead. ``PYTHONSAFEPATH`` is honoured."""
+    if sys.flags.safe_path:
+        return
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory was removed under us: nothing to import from
+        return
+    if not any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path):
+        sys.path.insert(0, cwd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _import_from_cwd()
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

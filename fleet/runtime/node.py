@@ -349,7 +349,8 @@ class Node:
         if session.close_requested_at is not None:
             metrics.SESSION_CLOSE_SECONDS.observe(time.monotonic() - session.close_requested_at)
         self.ends.wake(session.ref)
-        log.info("session ended (%s)", reason.value, extra=session.log_extra)
+        if not moved:  # a move (hand-off, takeover) has logged itself
+            log.info("session ended (%s)", reason.value, extra=session.log_extra)
 
     async def _hand_off(self, session: LocalSession) -> bool:
         """Whether a draining node's stopped session is no longer this node's to end:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -11,6 +12,7 @@ from types import FrameType
 import uvicorn
 
 from fleet.api import create_app
+from fleet.errors import CannotListen
 from fleet.runtime.node import Node
 from fleet.serve import gc_tuning
 from fleet.settings import Settings
@@ -48,31 +50,52 @@ class FleetServer(uvicorn.Server):
         self.should_exit = True
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts: a port in use stops
+    ``fleet serve`` with one line, before the node registers or logs that it listens."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CannotListen(
+                f"port {port} on {host} is in use; choose another with --port or FLEET_PORT"
+            ) from None
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_uvicorn(settings: Settings) -> int:
-    node = Node(settings)
-    app = create_app(settings, node)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_graceful_shutdown=max(1, int(settings.close_grace) + 1),
-        proxy_headers=True,
-        # Longer than load balancers' idle timeouts (60 s on most), so the proxy closes
-        # idle connections first and never reuses one this end is closing.
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        server_header=False,
-        # fleet logs uvicorn's access lines at warning only (fleet.logs), and uvicorn never
-        # writes them above info: do not format one per request just to drop it.
-        access_log=False,
-    )
-    server = FleetServer(config, node)
-    log.info(
-        "listening on http://%s:%d (node %s, pid %d)",
-        settings.host,
-        settings.port,
-        settings.node_id,
-        os.getpid(),
-    )
-    server.run()
+    sock = bind(settings.host, settings.port)
+    with sock:
+        node = Node(settings)
+        app = create_app(settings, node)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            timeout_graceful_shutdown=max(1, int(settings.close_grace) + 1),
+            proxy_headers=True,
+            # Longer than load balancers' idle timeouts (60 s on most), so the proxy closes
+            # idle connections first and never reuses one this end is closing.
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            server_header=False,
+            # fleet logs uvicorn's access lines at warning only (fleet.logs), and uvicorn never
+            # writes them above info: do not format one per request just to drop it.
+            access_log=False,
+        )
+        server = FleetServer(config, node)
+        log.info(
+            "listening on http://%s:%d (node %s, pid %d)",
+            settings.host,
+            sock.getsockname()[1],
+            settings.node_id,
+            os.getpid(),
+        )
+        server.run(sockets=[sock])
     return 0
