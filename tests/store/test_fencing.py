@@ -38,6 +38,7 @@ async def _race(url: str, claimers: int, stale_writes: int, seed: int) -> None:
         )  # fmt: skip
         await reg.create(old)
         assert await reg.checkpoint(old, '{"by":"old","i":0}', 100) == 1
+        old.checkpoint_version = 1
         # The old owner's lease lapses; the claimers are live.
         await client.zadd(reg.keys.nodes(), {"old": 0})
         names = [f"n{i}" for i in range(claimers)]
@@ -67,7 +68,10 @@ async def _race(url: str, claimers: int, stale_writes: int, seed: int) -> None:
             results = []
             for i in range(stale_writes):
                 await jitter()
-                results.append(await reg.checkpoint(old, json.dumps({"by": "old", "i": i}), 100))
+                result = await reg.checkpoint(old, json.dumps({"by": "old", "i": i}), 100)
+                if result > 0:  # as a session does: the next write makes the next version
+                    old.checkpoint_version = result
+                results.append(result)
             return results
 
         outcome = await asyncio.gather(stale_owner(), *(claimer(n) for n in names))
