@@ -92,7 +92,8 @@ async def test_end_is_fenced_by_owner_and_epoch(
     await reg.admit("n1", "c", "s1")
     rec = record("c", "s1", "n1", epoch=1)
     assert await reg.create(rec)
-    assert not await reg.create(rec)  # never overwrites
+    assert await reg.create_code(rec) == 2  # the same write again: recognised, not redone
+    assert not await reg.create(record("c", "s1", "n2", epoch=1))  # never overwrites
 
     stale = record("c", "s1", "n1", epoch=0)
     assert await reg.end(stale, "closed") is EndResult.FENCED
