@@ -42,12 +42,12 @@ async def call_sessions(client: httpx.AsyncClient, call: str = "demo") -> list[s
 
 
 async def test_a_repeat_gets_the_first_answer(client: httpx.AsyncClient) -> None:
-    first = await post(client, "order-1", params={"interval": 5})
+    first = await post(client, "order-1", params={"interval": 5, "limit": 100})
     assert first.status_code == 201, first.text
     sid = first.json()["session_id"]
     # The same start, spelled otherwise: defaults written out, keys in another order.
     again = await post(
-        client, "order-1", resumable=True, params={"interval": 5}, call_type="default"
+        client, "order-1", resumable=True, params={"limit": 100, "interval": 5}, call_type="default"
     )
     assert again.status_code == 201
     assert again.json() == first.json()
@@ -55,7 +55,7 @@ async def test_a_repeat_gets_the_first_answer(client: httpx.AsyncClient) -> None
 
     # The answer is the first one as it was, not the session's state now.
     await client.delete(f"/calls/demo/sessions/{sid}", params={"wait": 5})
-    late = await post(client, "order-1", params={"interval": 5})
+    late = await post(client, "order-1", params={"interval": 5, "limit": 100})
     assert late.status_code == 201 and late.json() == first.json()
     assert late.json()["state"] == "running"
     assert (await client.get(f"/calls/demo/sessions/{sid}")).json()["state"] == "ended"
