@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from fleet.client.base import DEFAULT_TIMEOUT
 from fleet.runtime.idempotency import IdempotentStarts, fingerprint
+from fleet.runtime.node import Node
 from fleet.store.scripts import ReserveResult
 from tests.conftest import SettingsFactory, api_client, api_node
 
@@ -84,24 +85,35 @@ async def test_a_key_belongs_to_its_call(client: httpx.AsyncClient) -> None:
     assert await call_sessions(client, "there") == [there]
 
 
-async def test_concurrent_repeats_start_one_session(client: httpx.AsyncClient) -> None:
-    answers = await asyncio.gather(*(post(client, "burst") for _ in range(20)))
-    assert [r.status_code for r in answers] == [201] * 20, [r.text for r in answers]
-    assert len({r.text for r in answers}) == 1
-    assert await call_sessions(client) == [answers[0].json()["session_id"]]
+def slow_admission(node: Node, seconds: float) -> None:
+    """Admission takes ``seconds`` longer: the start that holds the key holds it that long."""
+    admit = node.registry.admit
+
+    async def slow_admit(node_id: str, call_id: str, session_id: str) -> None:
+        await asyncio.sleep(seconds)
+        await admit(node_id, call_id, session_id)
+
+    node.registry.admit = slow_admit  # type: ignore[method-assign]
+
+
+async def test_concurrent_repeats_start_one_session(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    async with api_node(make_settings(), redis) as (client, node):
+        # Slower than the burst takes to arrive, so every repeat finds the first in progress
+        # (without it, a fresh connection pool lines the requests up one after the other).
+        slow_admission(node, 0.2)
+        answers = await asyncio.gather(*(post(client, "burst") for _ in range(20)))
+        assert [r.status_code for r in answers] == [201] * 20, [r.text for r in answers]
+        assert len({r.text for r in answers}) == 1
+        assert await call_sessions(client) == [answers[0].json()["session_id"]]
 
 
 async def test_a_repeat_waits_for_the_first_start_to_answer(
     make_settings: SettingsFactory, redis: Redis
 ) -> None:
     async with api_node(make_settings(), redis) as (client, node):
-        admit = node.registry.admit
-
-        async def slow_admit(node_id: str, call_id: str, session_id: str) -> None:
-            await asyncio.sleep(0.3)  # the first start holds the key meanwhile
-            await admit(node_id, call_id, session_id)
-
-        node.registry.admit = slow_admit  # type: ignore[method-assign]
+        slow_admission(node, 0.3)  # the first start holds the key meanwhile
         first = asyncio.create_task(post(client, "slow"))
         await asyncio.sleep(0.1)
         began = time.monotonic()

@@ -63,7 +63,8 @@ def _race(fleet: LocalFleet, call: str, n: int) -> list[int]:
 
 
 def test_repeats_of_one_start_across_nodes_start_one_session() -> None:
-    with LocalFleet(2) as fleet:
+    # A start that takes 0.3 s: the repeats on the other node find it in progress and wait.
+    with LocalFleet(2, FLEET_WORKER="tests.workers:SlowStart") as fleet:
         answers = _race_answers(fleet, "once", 20, {"Idempotency-Key": "the-only-one"})
         assert [r.status_code for r in answers] == [201] * 20, [r.text for r in answers]
         assert len({r.text for r in answers}) == 1
