@@ -35,10 +35,10 @@ class Sessions(Admission):
             k.call_live(record.call_id),
             k.call_ended(record.call_id),
         ]
-        answer: list[str | int] = ["", "", "", ""]
+        once_args: list[str | int] = ["", "", "", ""]  # see create_session.lua
         if once is not None:
             keys.append(once.key)
-            answer = [
+            once_args = [
                 once.token,
                 once.fingerprint,
                 record.info().model_dump_json(),
@@ -47,7 +47,7 @@ class Sessions(Admission):
         return (
             "create_session",
             keys,
-            [int(record.started_at * 1000), record.session_id, *answer, *fields],
+            [int(record.started_at * 1000), record.session_id, *once_args, *fields],
         )
 
     def _mark_running_call(self, record: SessionRecord, event: str, data: Any) -> Call:
