@@ -66,6 +66,19 @@ class NotAccepting(FleetError):
         self.code = code
 
 
+class IdempotencyMismatch(FleetError):
+    """The ``Idempotency-Key`` was used for a start that asked something else."""
+
+    code = "idempotency_mismatch"
+
+
+class IdempotencyInProgress(FleetError):
+    """Another request with the same ``Idempotency-Key`` is starting the session and has
+    no answer yet: retry shortly to get it."""
+
+    code = "idempotency_in_progress"
+
+
 class LeaseLost(FleetError):
     """This node no longer owns the session: another took it over, or the lease lapsed."""
 

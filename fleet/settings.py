@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     close_grace: PositiveSeconds = 5.0
     drain_timeout: Annotated[float, Field(ge=0)] = 30.0
     tombstone_ttl: Annotated[int, Field(ge=1)] = 3600
+    idempotency_ttl: Annotated[int, Field(ge=1)] = 24 * 3600
 
     max_checkpoint_bytes: Annotated[int, Field(ge=64)] = 1024 * 1024
     checkpoint_history: Annotated[int, Field(ge=1, le=100)] = 1

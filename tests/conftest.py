@@ -108,14 +108,23 @@ async def wait_ready(node: Node, timeout: float = 5.0) -> None:
 
 
 @asynccontextmanager
-async def api_client(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+async def api_node(
+    settings: Settings, redis: Redis
+) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:
+    """An in-process client of a node's app, and the node (to reach behind the API)."""
     node = Node(settings, redis=redis)
     app = create_app(settings, node)
     async with app.router.lifespan_context(app):
         await wait_ready(node)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://fleet") as client:
-            yield client
+            yield client, node
+
+
+@asynccontextmanager
+async def api_client(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_node(settings, redis) as (client, _):
+        yield client
 
 
 @pytest.fixture

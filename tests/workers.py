@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 from fleet.worker import SessionContext
 
@@ -36,6 +38,18 @@ class Chatty:
         while not ctx.closing.is_set():
             ctx.touch()
             await asyncio.sleep(0.05)
+
+
+class SlowStart:
+    """Takes 0.3 s to accept its params, so a start holds its Idempotency-Key that long
+    (blocking its node's event loop meanwhile, as a slow synchronous check would)."""
+
+    @staticmethod
+    def validate_params(params: dict[str, Any]) -> None:
+        time.sleep(0.3)
+
+    async def run(self, ctx: SessionContext) -> None:
+        await ctx.closing.wait()
 
 
 async def function_worker(ctx: SessionContext) -> None:

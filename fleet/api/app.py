@@ -65,7 +65,13 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origin_list(),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "Last-Event-ID",
+                "X-Request-ID",
+            ],
             expose_headers=["X-Request-ID"],
         )
     app.add_middleware(HttpEdge, limit=settings.max_body_bytes)

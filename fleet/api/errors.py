@@ -24,6 +24,8 @@ STATUS: dict[type[errors.FleetError], int] = {
     errors.AdmissionRejected: 429,
     errors.NotAccepting: 503,
     errors.InvalidParams: 422,
+    errors.IdempotencyMismatch: 422,
+    errors.IdempotencyInProgress: 409,
     errors.CheckpointTooLarge: 413,
     errors.InvalidRequest: 422,
     errors.UnsupportedMediaType: 415,
@@ -76,7 +78,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(errors.FleetError)
     async def fleet_error(request: Request, exc: errors.FleetError) -> JSONResponse:
         status = next((s for t, s in STATUS.items() if isinstance(exc, t)), 500)
-        headers = {"Retry-After": "1"} if status in (429, 503) else None
+        retry = status in (429, 503) or isinstance(exc, errors.IdempotencyInProgress)
+        headers = {"Retry-After": "1"} if retry else None
         if status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
         return error_response(status, exc.detail, exc.code, headers)

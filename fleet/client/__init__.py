@@ -6,6 +6,10 @@ Both clients have the same methods and answer with the pydantic models the API s
 raises ``FleetAPIError(status, code, detail)``; a node that cannot be reached raises
 ``FleetConnectionError``. Both are ``FleetError``\\ s.
 
+``start_session`` sends an ``Idempotency-Key`` with every start and sends the start again
+when no answer comes or a proxy or a draining node refuses it: one session starts however
+many attempts reach a node (``retries=`` on either client; docs/cli.md).
+
 The base URL and token come from the arguments or from ``FLEET_URL`` (default
 ``http://127.0.0.1:8000``) and ``FLEET_TOKEN``. The token is sent as
 ``Authorization: Bearer``; it is never logged and never shown in a ``repr``.

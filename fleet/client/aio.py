@@ -9,7 +9,9 @@ from typing import Any
 import httpx
 
 from fleet.client.base import (
+    RETRYABLE_ERRORS,
     RETRYABLE_STATUS,
+    START_RETRIES,
     ClientBase,
     Health,
     Readiness,
@@ -18,8 +20,10 @@ from fleet.client.base import (
     T,
     answer,
     api_error,
+    retry_delay,
     session_path,
     unreachable,
+    worth_retrying,
 )
 from fleet.client.sse import Follow, ServerSentEvent
 from fleet.models import (
@@ -43,9 +47,10 @@ class AsyncFleetClient(ClientBase):
         token: str | None = None,
         *,
         timeout: float | httpx.Timeout | None = None,
+        retries: int = START_RETRIES,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(url, token, timeout)
+        super().__init__(url, token, timeout, retries)
         self._http = httpx.AsyncClient(
             base_url=self.url, headers=self._headers(), timeout=self.timeout, transport=transport
         )
@@ -60,17 +65,27 @@ class AsyncFleetClient(ClientBase):
         await self._http.aclose()
 
     async def _send(self, req: Request[T]) -> T:
-        try:
-            resp = await self._http.request(
-                req.method,
-                req.path,
-                params=req.params,
-                json=req.body,
-                timeout=req.timeout or httpx.USE_CLIENT_DEFAULT,
-            )
-        except httpx.TransportError as exc:
-            raise unreachable(self.url, exc) from exc
-        return answer(req, resp)
+        """Send ``req``; send it again (up to ``req.retries`` times, after a pause) when no
+        answer came or the answer is worth another attempt."""
+        attempt = 0
+        while True:
+            resp: httpx.Response | None = None
+            try:
+                resp = await self._http.request(
+                    req.method,
+                    req.path,
+                    params=req.params,
+                    json=req.body,
+                    headers=req.headers,
+                    timeout=req.timeout or httpx.USE_CLIENT_DEFAULT,
+                )
+            except httpx.TransportError as exc:
+                if attempt >= req.retries or not isinstance(exc, RETRYABLE_ERRORS):
+                    raise unreachable(self.url, exc) from exc
+            if resp is not None and (attempt >= req.retries or not worth_retrying(resp)):
+                return answer(req, resp)
+            await asyncio.sleep(retry_delay(attempt, resp))
+            attempt += 1
 
     async def start_session(
         self,
@@ -78,9 +93,18 @@ class AsyncFleetClient(ClientBase):
         params: dict[str, Any] | None = None,
         call_type: str = "default",
         resumable: bool = True,
+        *,
+        idempotency_key: str | None = None,
     ) -> SessionInfo:
-        """Start a session of the node's worker in ``call_id``."""
-        return await self._send(Requests.start_session(call_id, params, call_type, resumable))
+        """Start a session of the node's worker in ``call_id``. The start carries an
+        ``Idempotency-Key`` (``idempotency_key``, or a new UUID), so it is sent again
+        safely when no answer comes or a proxy or a draining node refuses it (up to
+        ``retries`` times): however many attempts reach a node, one session starts.
+        Pass the same ``idempotency_key`` to retry a start yourself later."""
+        req = Requests.start_session(
+            call_id, params, call_type, resumable, idempotency_key, self.retries
+        )
+        return await self._send(req)
 
     async def get_session(self, call_id: str, session_id: str) -> SessionInfo:
         return await self._send(Requests.get_session(call_id, session_id))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -33,6 +35,10 @@ DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 STREAM_READ_TIMEOUT = 60.0
 WAIT_MARGIN = 10.0  # a close with ?wait=S may take S seconds plus a round trip or two
 RETRYABLE_STATUS = frozenset({502, 503, 504})  # a proxy or a draining node: try again
+START_RETRIES = 3  # a start is sent again up to this many times (it carries a key)
+# No answer, where another attempt may get one (not a malformed URL, say).
+RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+MAX_RETRY_DELAY = 5.0
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
@@ -114,6 +120,8 @@ class Request(Generic[T]):
     body: Any = None
     timeout: httpx.Timeout | None = None
     answers: frozenset[int] = frozenset({200})  # statuses that are answers, not errors
+    headers: Mapping[str, str] | None = None
+    retries: int = 0  # times it may be sent again: only where that is safe
 
 
 def _model(model: type[M]) -> Callable[[httpx.Response], M]:
@@ -152,11 +160,27 @@ class Requests:
 
     @staticmethod
     def start_session(
-        call_id: str, params: dict[str, Any] | None, call_type: str, resumable: bool
+        call_id: str,
+        params: dict[str, Any] | None,
+        call_type: str,
+        resumable: bool,
+        idempotency_key: str | None = None,
+        retries: int = START_RETRIES,
     ) -> Request[SessionInfo]:
+        """A start with an ``Idempotency-Key`` (a new UUID unless one is given), which
+        makes it safe to send again: a repeat gets the first answer, never a second
+        session."""
         body = {"call_type": call_type, "params": params or {}, "resumable": resumable}
         path = f"/calls/{_seg(call_id)}/sessions"
-        return Request("POST", path, _model(SessionInfo), body=body, answers=frozenset({201}))
+        return Request(
+            "POST",
+            path,
+            _model(SessionInfo),
+            body=body,
+            answers=frozenset({201}),
+            headers={"Idempotency-Key": idempotency_key or str(uuid.uuid4())},
+            retries=retries,
+        )
 
     @staticmethod
     def get_session(call_id: str, session_id: str) -> Request[SessionInfo]:
@@ -210,6 +234,24 @@ class Requests:
         return Request("GET", "/ready", _readiness, answers=frozenset({200, 503}))
 
 
+def worth_retrying(resp: httpx.Response) -> bool:
+    """An answer that another attempt may improve on: a proxy's or a draining node's
+    502/503/504, or the 409 of a start whose first attempt is still under way."""
+    if resp.status_code in RETRYABLE_STATUS:
+        return True
+    return resp.status_code == 409 and api_error(resp).code == "idempotency_in_progress"
+
+
+def retry_delay(attempt: int, resp: httpx.Response | None) -> float:
+    """Seconds before attempt ``attempt + 1``: exponential backoff with jitter (0.2 s,
+    0.4 s, 0.8 s... on average), at least what ``Retry-After`` asks, at most 5 s."""
+    delay = 0.2 * 2.0**attempt * random.uniform(0.5, 1.5)
+    asked = resp.headers.get("retry-after", "") if resp is not None else ""
+    if asked.isdigit():
+        delay = max(delay, float(asked))
+    return min(delay, MAX_RETRY_DELAY)
+
+
 def answer(req: Request[T], resp: httpx.Response) -> T:
     if resp.status_code not in req.answers:
         raise api_error(resp)
@@ -228,8 +270,13 @@ class ClientBase:
     """Configuration both clients share: URL, token, timeouts, headers."""
 
     def __init__(
-        self, url: str | None, token: str | None, timeout: float | httpx.Timeout | None
+        self,
+        url: str | None,
+        token: str | None,
+        timeout: float | httpx.Timeout | None,
+        retries: int = START_RETRIES,
     ) -> None:
+        self.retries = retries
         self.url = (url or os.environ.get("FLEET_URL") or DEFAULT_URL).rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             raise FleetError(f"the fleet URL must start with http:// or https://: {self.url!r}")

@@ -27,6 +27,7 @@ from fleet.events.dispatcher import EventDispatcher
 from fleet.models import CloseReason, EndReason, SessionRecord, State
 from fleet.runtime.control import ControlListener, Message
 from fleet.runtime.ends import Ends
+from fleet.runtime.idempotency import IdempotentStarts
 from fleet.runtime.lease import Lease
 from fleet.runtime.maintenance import Maintenance, enforce_limits
 from fleet.runtime.moves import Moves, Targets
@@ -34,6 +35,7 @@ from fleet.runtime.session import LocalSession
 from fleet.settings import Settings
 from fleet.store import REDIS_ERRORS
 from fleet.store.connect import connect
+from fleet.store.idempotency import Reservation
 from fleet.store.keys import make_ref
 from fleet.store.registry import Registry
 from fleet.tasks import cancel_and_wait
@@ -56,6 +58,7 @@ class Node:
         self.sessions: dict[str, LocalSession] = {}
         self._pending: set[str] = set()  # refs admitted but not yet in ``sessions``
         self.ends = Ends(self.registry, self.node_id)
+        self.idempotent = IdempotentStarts(self.registry, self.start_session)
         self.moves = Moves(self, self.sessions, self.worker, self.adopt)
         self.lease = Lease(
             self.registry,
@@ -224,8 +227,12 @@ class Node:
         params: dict[str, Any],
         principal: str = "",
         resumable: bool = True,
+        *,
+        once: Reservation | None = None,
     ) -> SessionRecord:
-        """Admit, record and start a session here; returns once it runs."""
+        """Admit, record and start a session here; returns once it runs. With ``once`` (an
+        idempotency reservation: ``self.idempotent``), the record is only written while the
+        reservation holds, together with the answer kept for the key."""
         began = time.perf_counter()
         ready, reason = self.readiness()
         if not ready:
@@ -257,7 +264,7 @@ class Node:
                 metrics.ADMISSION_REJECTED.labels(exc.code).inc()
                 raise
             try:
-                if not await self.registry.create_running(record):
+                if not await self.registry.create_running(record, once):
                     # Only a record already under this random id could refuse it.
                     raise NotAccepting("not_ready", "the session record could not be written")
             except BaseException:

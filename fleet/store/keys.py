@@ -10,11 +10,14 @@ Two hash tags decide where keys live on Redis Cluster:
   counters. Admission must check the per-call, fleet-wide and per-node counts and reserve
   the slot in one atomic step, so every key that step reads lives in one slot.
 * ``{c:<call_id>}``, one slot per call: the session records, the call's indexes,
-  checkpoints and event streams. Closing, ending or fencing a session is one atomic step
+  checkpoints, event streams and idempotency keys. Closing, ending or fencing a session,
+  and creating one together with the answer to its ``Idempotency-Key``, are atomic steps
   on keys of one call, so they run on whichever shard holds that call.
 
 A session reference (``ref``) is ``<call_id>/<session_id>``: ``/`` is not an id character,
-so it splits back unambiguously.
+so it splits back unambiguously. An idempotency key's id is ``<principal>/<key>`` for the
+same reason: the client's key comes last and cannot hold ``/``, so the last ``/`` splits
+it, and no two (principal, key) pairs build the same id, whatever the principal's name.
 """
 
 from __future__ import annotations
@@ -87,6 +90,12 @@ class Keys:
     def events(self, call_id: str, session_id: str) -> str:
         """STREAM of the session's events."""
         return f"{self._call(call_id)}:events:{session_id}"
+
+    def idempotency(self, call_id: str, principal: str, key: str) -> str:
+        """HASH: a start's ``Idempotency-Key``, per principal and call: the reservation
+        (state, fingerprint, token) and then the answer. ``key`` must match the id pattern
+        (the API checks it before it gets here); it comes last, after a ``/``."""
+        return f"{self._call(call_id)}:idem:{principal}{REF_SEPARATOR}{key}"
 
     # -- channels -------------------------------------------------------------------------
     def node_channel_prefix(self) -> str:

@@ -2,15 +2,17 @@
 
 One class made of one part per concept, each in its own module: ``admission.py`` (limits
 and slots), ``sessions.py`` (records and fenced writes), ``lookups.py`` (reads and lists),
-``nodes.py`` (leases, dead and draining nodes). Every method is one round trip unless it
+``nodes.py`` (leases, dead and draining nodes), ``idempotency.py`` (starts'
+``Idempotency-Key`` reservations and answers). Every method is one round trip unless it
 says otherwise. Atomic steps are Lua scripts (``lua/``); key names come from ``keys.py``.
 """
 
 from __future__ import annotations
 
+from fleet.store.idempotency import Idempotency
 from fleet.store.lookups import Lookups
 from fleet.store.sessions import Sessions
 
 
-class Registry(Sessions, Lookups):
+class Registry(Sessions, Lookups, Idempotency):
     """Everything fleet keeps in Redis, behind one object per node."""

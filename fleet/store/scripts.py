@@ -56,7 +56,18 @@ class HandoffResult(enum.StrEnum):
     GONE = "gone"
 
 
-FENCED = -1  # checkpoint.lua, emit.lua and claim.lua: this owner is fenced out
+class ReserveResult(enum.StrEnum):
+    """What ``idempotency_reserve.lua`` answers."""
+
+    RESERVED = "reserved"
+    PENDING = "pending"
+    DONE = "done"
+    MISMATCH = "mismatch"
+
+
+# checkpoint.lua, emit.lua and claim.lua: this owner is fenced out; create_session.lua:
+# this start's idempotency reservation is no longer its own.
+FENCED = -1
 MISSING = -2  # checkpoint.lua and emit.lua: no record (Redis lost it)
 TAKEN = -3  # claim.lua: another node holds the session now
 
@@ -101,6 +112,8 @@ class Scripts:
         "claim",
         "handoff",
         "watch",
+        "idempotency_reserve",
+        "idempotency_release",
     )
 
     def __init__(self, redis: Redis) -> None:

@@ -13,29 +13,41 @@ from typing import Any
 
 from redis.crc import key_slot
 
+from fleet.errors import IdempotencyInProgress
 from fleet.metrics import redis_timer
 from fleet.models import SessionRecord, State
 from fleet.store.admission import Admission
 from fleet.store.base import Call, to_json
+from fleet.store.idempotency import Reservation
 from fleet.store.keys import split_ref
-from fleet.store.scripts import EndResult
+from fleet.store.scripts import FENCED, EndResult
 
 # Sessions per watch.lua call: big enough to be cheap, small enough to keep Redis snappy.
 WATCH_CHUNK = 500
 
 
 class Sessions(Admission):
-    def _create_call(self, record: SessionRecord) -> Call:
+    def _create_call(self, record: SessionRecord, once: Reservation | None = None) -> Call:
         k = self.keys
         fields = [x for pair in record.to_hash().items() for x in pair]
+        keys = [
+            k.session(record.call_id, record.session_id),
+            k.call_live(record.call_id),
+            k.call_ended(record.call_id),
+        ]
+        once_args: list[str | int] = ["", "", "", ""]  # see create_session.lua
+        if once is not None:
+            keys.append(once.key)
+            once_args = [
+                once.token,
+                once.fingerprint,
+                record.info().model_dump_json(),
+                self._settings.idempotency_ttl * 1000,
+            ]
         return (
             "create_session",
-            [
-                k.session(record.call_id, record.session_id),
-                k.call_live(record.call_id),
-                k.call_ended(record.call_id),
-            ],
-            [int(record.started_at * 1000), record.session_id, *fields],
+            keys,
+            [int(record.started_at * 1000), record.session_id, *once_args, *fields],
         )
 
     def _mark_running_call(self, record: SessionRecord, event: str, data: Any) -> Call:
@@ -63,12 +75,21 @@ class Sessions(Admission):
         already (this same write, retried), 0 another record is there."""
         return int(await self.scripts(*self._create_call(record)))
 
-    async def create_running(self, record: SessionRecord) -> bool:
+    async def create_running(self, record: SessionRecord, once: Reservation | None = None) -> bool:
         """Write a new session's record as running. Its stream starts empty: the
         ``session_started`` event is made from the record (``fleet/events/listener.py``), so a
-        session that emits nothing costs no stream. False if a record was there."""
+        session that emits nothing costs no stream. False if a record was there.
+
+        With ``once`` (a start's idempotency reservation), the answer to the start is kept
+        under its key in the same step; raises IdempotencyInProgress, creating nothing, if
+        the reservation expired and another request holds the key now."""
         record.state = State.RUNNING
-        return await self.create(record)
+        result = int(await self.scripts(*self._create_call(record, once)))
+        if result == FENCED:
+            raise IdempotencyInProgress(
+                "another request with this Idempotency-Key took it over; retry for its answer"
+            )
+        return bool(result)
 
     async def mark_running(self, record: SessionRecord, event: str, data: Any) -> str:
         """starting -> running for this owner and epoch, emitting the lifecycle ``event``

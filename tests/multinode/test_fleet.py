@@ -45,15 +45,32 @@ def test_any_node_lists_and_reads_any_session() -> None:
             assert sum(n["sessions"] for n in nodes) == 6
 
 
-def _race(fleet: LocalFleet, call: str, n: int) -> list[int]:
+def _race_answers(
+    fleet: LocalFleet, call: str, n: int, headers: dict[str, str] | None = None
+) -> list[httpx.Response]:
     urls = [node.url for node in fleet.nodes]
 
-    def one(i: int) -> int:
+    def one(i: int) -> httpx.Response:
         with httpx.Client(timeout=10) as client:
-            return client.post(f"{urls[i % len(urls)]}/calls/{call}/sessions").status_code
+            return client.post(f"{urls[i % len(urls)]}/calls/{call}/sessions", headers=headers)
 
     with ThreadPoolExecutor(max_workers=n) as pool:
         return list(pool.map(one, range(n)))
+
+
+def _race(fleet: LocalFleet, call: str, n: int) -> list[int]:
+    return [resp.status_code for resp in _race_answers(fleet, call, n)]
+
+
+def test_repeats_of_one_start_across_nodes_start_one_session() -> None:
+    # A start that takes 0.3 s: the repeats on the other node find it in progress and wait.
+    with LocalFleet(2, FLEET_WORKER="tests.workers:SlowStart") as fleet:
+        answers = _race_answers(fleet, "once", 20, {"Idempotency-Key": "the-only-one"})
+        assert [r.status_code for r in answers] == [201] * 20, [r.text for r in answers]
+        assert len({r.text for r in answers}) == 1
+        for node in fleet.nodes:
+            listed = fleet.request("GET", "/calls/once/sessions", node).json()["sessions"]
+            assert [s["session_id"] for s in listed] == [answers[0].json()["session_id"]]
 
 
 def test_per_call_limit_holds_across_nodes() -> None:

@@ -55,6 +55,28 @@ def test_keys_stay_under_prefix_and_in_their_slot(call: str, sid: str) -> None:
         assert hash_tag(key) == "g"
 
 
+@given(ids, ids, st.text(min_size=1, max_size=20), ids, ids, st.text(min_size=1, max_size=20), ids)
+def test_idempotency_keys_are_per_call_principal_and_key(
+    c1: str, k1: str, p1: str, c2: str, k2: str, p2: str, p3: str
+) -> None:
+    """Even a principal name outside the id pattern (a custom start hook may return any)
+    cannot make two (principal, key) pairs share a key: the key, which cannot hold ``/``,
+    comes last."""
+    for p in (p1, p2, p3):
+        for a, b in [((c1, p, k1), (c2, p, k2)), ((c1, p1, k1), (c2, p2, k2))]:
+            if KEYS.idempotency(*a) == KEYS.idempotency(*b):
+                assert a == b
+    for c, p, k in [(c1, p1, k1), (c2, p3, k2)]:
+        key = KEYS.idempotency(c, p, k)
+        assert key.startswith("fleet:{") and hash_tag(key) == f"c:{c}"
+        assert key not in all_keys(c, k)
+
+
+def test_idempotency_key_layout_tells_principal_and_key_apart() -> None:
+    # ``:`` is an id character: with it as the separator these two would collide.
+    assert KEYS.idempotency("c", "a:b", "c") != KEYS.idempotency("c", "a", "b:c")
+
+
 @given(ids, ids)
 def test_refs_round_trip(call: str, sid: str) -> None:
     assert split_ref(make_ref(call, sid)) == (call, sid)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from fleet.api.auth import (
@@ -54,11 +54,27 @@ class StartRequest(BaseModel):
     )
 
 
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        pattern=ID_PATTERN,
+        description="Makes the start safe to retry: a repeat with the same key (same "
+        "principal, same call) gets the first answer, never a second session. 1-128 "
+        "characters of A-Z a-z 0-9 . _ : - (a UUID fits).",
+    ),
+]
+
+
 @router.post(
     "/calls/{call_id}/sessions",
     status_code=201,
     response_model=SessionInfo,
     responses={
+        409: {
+            "description": "idempotency_in_progress: a start with this Idempotency-Key "
+            "is still under way; retry after Retry-After for its answer."
+        },
         429: {"description": "A limit refused the session (see code)."},
         503: {"description": "This node is draining or not ready; retry another."},
         **ERRORS,
@@ -69,9 +85,23 @@ async def start_session(
     node: NodeDep,
     principal: CanStart,
     body: Annotated[StartRequest | None, Body()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> SessionInfo:
+    """Start a session. With an ``Idempotency-Key``, a repeat answers with the first
+    start's SessionInfo as it was then (the session may have moved on since: read it for
+    its state now); a repeat with another body is 422 ``idempotency_mismatch``. Only a
+    start that succeeded is remembered: after a refusal the same key may be tried again."""
     body = body or StartRequest()
     check_params(body.params, node.settings)
+    if idempotency_key is not None:
+        return await node.idempotent.start(
+            idempotency_key,
+            call_id,
+            body.call_type,
+            body.params,
+            principal=principal.name,
+            resumable=body.resumable,
+        )
     record = await node.start_session(
         call_id, body.call_type, body.params, principal=principal.name, resumable=body.resumable
     )
