@@ -23,6 +23,20 @@ class Stubborn:
             await asyncio.sleep(3600)
 
 
+class Deaf:
+    """Catches its cancellation and carries on: the worker that once wedged a node. Stops
+    only when the test sets ``Deaf.release`` (so tests leave no task behind)."""
+
+    release = asyncio.Event()
+
+    async def run(self, ctx: SessionContext) -> None:
+        while not Deaf.release.is_set():
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                pass
+
+
 class Quiet:
     """Waits for a close, never touching or emitting: idles out."""
 

@@ -55,6 +55,10 @@ class Targets:
     def full(self, node_id: str) -> None:
         self._load.pop(node_id, None)
 
+    def any(self) -> bool:
+        """Whether any node may still take a session."""
+        return bool(self._load)
+
 
 class Moves:
     """Moves sessions to and from this node. Handed what it needs: the node as a session

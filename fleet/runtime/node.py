@@ -31,7 +31,7 @@ from fleet.runtime.idempotency import IdempotentStarts
 from fleet.runtime.lease import Lease
 from fleet.runtime.maintenance import Maintenance, enforce_limits
 from fleet.runtime.moves import Moves, Targets
-from fleet.runtime.session import LocalSession
+from fleet.runtime.session import CANCEL_GRACE, LocalSession
 from fleet.settings import Settings
 from fleet.store import REDIS_ERRORS
 from fleet.store.connect import connect
@@ -81,6 +81,7 @@ class Node:
 
         self.draining = False
         self.drained = asyncio.Event()
+        self.left_behind: set[asyncio.Task[Any]] = set()  # tasks that ignored cancellation
         self._drain_task: asyncio.Task[None] | None = None
         self._handoff_targets: Targets | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -148,14 +149,35 @@ class Node:
     async def _drain(self) -> None:
         with contextlib.suppress(Exception):
             await self.lease.renew()  # tell the fleet at once that this node drains
-        await self._wait_sessions(self.settings.drain_timeout)
+        if self.sessions and await self._nowhere_to_hand_off():
+            log.info(
+                "no other node to hand %d sessions to: closing them now rather than after "
+                "the %.0fs drain",
+                len(self.sessions),
+                self.settings.drain_timeout,
+                extra={"node_id": self.node_id},
+            )
+        else:
+            await self._wait_sessions(self.settings.drain_timeout)
         if self.sessions:
             with contextlib.suppress(*REDIS_ERRORS):
                 self._handoff_targets = await self.moves.hand_off_targets()
         for session in list(self.sessions.values()):
             session.request_close(CloseReason.HANDOFF)
-        await self._wait_sessions(self.settings.close_grace + 1.0)
+        # The grace, then the cancel grace after which a stuck worker is left behind.
+        await self._wait_sessions(self.settings.close_grace + CANCEL_GRACE + 1.0)
         self.drained.set()
+
+    async def _nowhere_to_hand_off(self) -> bool:
+        """No other live node takes sessions (an embedded Redis has none): waiting out the
+        drain would only delay the end."""
+        if self._owns_redis and self.settings.embedded:
+            return True
+        try:
+            targets = await self.moves.hand_off_targets()
+        except REDIS_ERRORS:
+            return False  # cannot tell: drain as usual
+        return not targets.any()
 
     async def _wait_sessions(self, timeout: float) -> None:
         waits = [s.done.wait() for s in self.sessions.values()]
@@ -167,9 +189,20 @@ class Node:
         """Drain (if no drain ran yet), stop the loops and leave the registry."""
         self.begin_drain()
         await self.drained.wait()
-        await cancel_and_wait(
-            *self._tasks, *self._background, *(s.task for s in self.sessions.values())
+        stuck = await cancel_and_wait(
+            *self._tasks,
+            *self._background,
+            *(s.task for s in self.sessions.values()),
+            *self.left_behind,
+            timeout=CANCEL_GRACE,
         )
+        if stuck:
+            log.error(
+                "%d tasks did not stop when cancelled; leaving them behind",
+                len(stuck),
+                extra={"node_id": self.node_id},
+            )
+        self.left_behind = stuck
         await self.events.stop()  # ends the open event streams
         if self.ends.unwritten:
             # Some ends could not be written: keep this node in the registry, so that when
@@ -348,6 +381,8 @@ class Node:
         elif replies:
             self.spawn(self.ends.publish_ended(session.ref, replies))
         self.sessions.pop(session.ref, None)
+        if session.abandoned and session.task is not None:
+            self.left_behind.add(session.task)
         self.count_state(record.state, -1)
         record.state = State.ENDED
         record.end_reason = reason.value
@@ -364,7 +399,7 @@ class Node:
         handed to another node, or, when Redis did not answer, left with its slot for the
         other nodes to resume once this node's lease lapses (ending it here would lose a
         session that other nodes have room for). False: no node can take it."""
-        if not (self.draining and session.record.resumable):
+        if not (self.draining and session.record.resumable) or session.abandoned:
             return False
         try:
             if self._handoff_targets is None:

@@ -21,6 +21,10 @@ from fleet.store.scripts import FENCED, MISSING
 from fleet.worker import SessionContext, Worker
 
 log = logging.getLogger("fleet.session")
+
+#: Seconds a cancelled worker gets to stop before its session is recorded ended without it.
+CANCEL_GRACE = 2.0
+STUCK = "did not stop when cancelled"
 T = TypeVar("T")
 
 _END_REASON_FOR_CLOSE = {
@@ -101,6 +105,8 @@ class LocalSession:
         self._moved = False
         self._lost: str | None = None
         self._cancel_timer: asyncio.TimerHandle | None = None
+        self._ended = False  # the end went to the host (finish) already
+        self.abandoned = False  # the worker ignored its cancellation: left behind
         self.task: asyncio.Task[None] | None = None
         self._closing_event: asyncio.Task[None] | None = None
 
@@ -220,6 +226,24 @@ class LocalSession:
     def _cancel(self) -> None:
         if self.task is not None and not self.task.done():
             self.task.cancel()
+            self._cancel_timer = asyncio.get_running_loop().call_later(CANCEL_GRACE, self._abandon)
+
+    def _abandon(self) -> None:
+        """The worker caught its cancellation and runs on: record the end without it (the
+        reason asked for, the error ``STUCK``), free its slot and tell whoever waits, so a
+        close completes and a drain ends. Its task is left behind; every write it tries
+        from now on is refused (the session is ended), and shutdown is bounded anyway
+        (``fleet.serve.server``)."""
+        if self.task is None or self.task.done() or self._ended:
+            return
+        self.abandoned = True
+        log.warning(
+            "worker %s after %.0fs; recording the end without it",
+            STUCK,
+            CANCEL_GRACE,
+            extra=self.log_extra,
+        )
+        self.host.spawn(self._end(self._end_reason_for_close(), STUCK))
 
     # -- lifecycle ----------------------------------------------------------------------
     async def _main(self) -> None:
@@ -235,12 +259,20 @@ class LocalSession:
         if self._closing_event is not None:
             # session_closing goes into the stream before session_ended.
             await asyncio.gather(self._closing_event, return_exceptions=True)
+        await self._end(reason, error)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _end(self, reason: EndReason, error: str) -> None:
+        """Hand the end to the host, once: from the session's own task, or on its behalf
+        when its worker would not stop."""
+        if self._ended:
+            return
+        self._ended = True
         try:
             await self.host.finish(self, reason, error, moved=self._moved)
         finally:
             self.done.set()
-        if cancelled:
-            raise asyncio.CancelledError
 
     async def _run_worker(self) -> tuple[EndReason, str]:
         try:
