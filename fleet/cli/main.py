@@ -19,6 +19,13 @@ from fleet.errors import FleetError
 from fleet.logs import configure
 from fleet.settings import Settings, load_settings
 
+#: ``fleet --help``: plain text, not the module docstring's reStructuredText.
+HELP = (
+    "Run long-lived worker sessions on a fleet of nodes. 'serve' runs a node, 'run' runs "
+    "one session in this console, 'sessions' and 'nodes' look at and act on a running "
+    "fleet (FLEET_URL, FLEET_TOKEN), and 'demo' starts a local fleet to try."
+)
+
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     overrides = {
@@ -90,7 +97,7 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleet", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fleet", description=HELP)
     parser.add_argument("--version", action="version", version=f"fleet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -315,3 +315,14 @@ def test_run_closes_the_session_on_ctrl_c() -> None:
     events = [json.loads(line) for line in out.splitlines()]
     assert [e["event"] for e in events] == ["session_closing", "session_ended"]
     assert events[-1]["data"] == {"end_reason": "closed"}
+
+
+def test_help_is_plain_text() -> None:
+    """``fleet --help`` and each command's help read as plain text, not reStructuredText."""
+    parser = cli.build_parser()
+    texts = [parser.format_help()]
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        choices = getattr(action, "choices", None) or {}
+        texts += [sub.format_help() for sub in choices.values()]
+    for text in texts:
+        assert "``" not in text, text
