@@ -90,7 +90,7 @@ class Lease:
             async with asyncio.timeout(self.settings.heartbeat_interval):
                 status = await self.registry.heartbeat(self.node_id, self._info())
         except (*REDIS_ERRORS, TimeoutError) as exc:
-            self._failed(exc, now)
+            self._failed(exc, time.monotonic())  # as of now: a failed call may take a while
             return
         lapsed = (
             self._last_renewal is not None and now - self._last_renewal > self.settings.node_ttl

@@ -224,7 +224,8 @@ class LocalSession:
             self._cancel_timer = asyncio.get_running_loop().call_later(grace, self._cancel)
 
     def _cancel(self) -> None:
-        if self.task is not None and not self.task.done():
+        # Once the worker is over, the task is writing the end: a cancel would lose it.
+        if self.task is not None and not self.task.done() and not self._ended:
             self.task.cancel()
             self._cancel_timer = asyncio.get_running_loop().call_later(CANCEL_GRACE, self._abandon)
 
