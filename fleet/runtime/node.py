@@ -26,11 +26,12 @@ from fleet.events.cluster import AnnouncedDispatcher
 from fleet.events.dispatcher import EventDispatcher
 from fleet.models import CloseReason, EndReason, SessionRecord, State
 from fleet.runtime.control import ControlListener, Message
+from fleet.runtime.drain import Drain
 from fleet.runtime.ends import Ends
 from fleet.runtime.idempotency import IdempotentStarts
 from fleet.runtime.lease import Lease
 from fleet.runtime.maintenance import Maintenance, enforce_limits
-from fleet.runtime.moves import Moves, Targets
+from fleet.runtime.moves import Moves
 from fleet.runtime.session import CANCEL_GRACE, LocalSession
 from fleet.settings import Settings
 from fleet.store import REDIS_ERRORS
@@ -78,12 +79,15 @@ class Node:
             ends=self.ends,
             lease_held=lambda: self.lease.held,
         )
+        self.drain = Drain(
+            settings,
+            sessions=self.sessions,
+            moves=self.moves,
+            announce=self.lease.renew,
+            alone=self._owns_redis and settings.embedded,
+        )
 
-        self.draining = False
-        self.drained = asyncio.Event()
         self.left_behind: set[asyncio.Task[Any]] = set()  # tasks that ignored cancellation
-        self._drain_task: asyncio.Task[None] | None = None
-        self._handoff_targets: Targets | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._listener = ControlListener(
@@ -131,59 +135,17 @@ class Node:
                 "%s died: %r", task.get_name(), task.exception(), extra={"node_id": self.node_id}
             )
 
+    @property
+    def draining(self) -> bool:
+        return self.drain.active
+
+    @property
+    def drained(self) -> asyncio.Event:
+        return self.drain.done
+
     def begin_drain(self) -> None:
         """Stop taking sessions and let the running ones finish (SIGTERM). Idempotent."""
-        if self._drain_task is not None:
-            return
-        self.draining = True
-        metrics.NODE_DRAINING.set(1)
-        metrics.NODE_READY.set(0)
-        log.info(
-            "draining: %d sessions may run for up to %.0fs",
-            len(self.sessions),
-            self.settings.drain_timeout,
-            extra={"node_id": self.node_id},
-        )
-        self._drain_task = asyncio.create_task(self._drain(), name="drain")
-
-    async def _drain(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.lease.renew()  # tell the fleet at once that this node drains
-        if self.sessions and await self._nowhere_to_hand_off():
-            log.info(
-                "no other node to hand %d sessions to: closing them now rather than after "
-                "the %.0fs drain",
-                len(self.sessions),
-                self.settings.drain_timeout,
-                extra={"node_id": self.node_id},
-            )
-        else:
-            await self._wait_sessions(self.settings.drain_timeout)
-        if self.sessions:
-            with contextlib.suppress(*REDIS_ERRORS):
-                self._handoff_targets = await self.moves.hand_off_targets()
-        for session in list(self.sessions.values()):
-            session.request_close(CloseReason.HANDOFF)
-        # The grace, then the cancel grace after which a stuck worker is left behind.
-        await self._wait_sessions(self.settings.close_grace + CANCEL_GRACE + 1.0)
-        self.drained.set()
-
-    async def _nowhere_to_hand_off(self) -> bool:
-        """No other live node takes sessions (an embedded Redis has none): waiting out the
-        drain would only delay the end."""
-        if self._owns_redis and self.settings.embedded:
-            return True
-        try:
-            targets = await self.moves.hand_off_targets()
-        except REDIS_ERRORS:
-            return False  # cannot tell: drain as usual
-        return not targets.any()
-
-    async def _wait_sessions(self, timeout: float) -> None:
-        waits = [s.done.wait() for s in self.sessions.values()]
-        if waits:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        self.drain.begin()
 
     async def stop(self) -> None:
         """Drain (if no drain ran yet), stop the loops and leave the registry."""
@@ -372,7 +334,7 @@ class Node:
             log.warning(
                 "session moved to another node; local copy stopped", extra=session.log_extra
             )
-        elif reason is EndReason.NODE_SHUTDOWN and await self._hand_off(session):
+        elif reason is EndReason.NODE_SHUTDOWN and await self.drain.hand_off(session):
             moved = True
         replies = session.reply_to - {self.node_id}
         if not moved:
@@ -393,26 +355,6 @@ class Node:
         self.ends.wake(session.ref)
         if not moved:  # a move (hand-off, takeover) has logged itself
             log.info("session ended (%s)", reason.value, extra=session.log_extra)
-
-    async def _hand_off(self, session: LocalSession) -> bool:
-        """Whether a draining node's stopped session is no longer this node's to end:
-        handed to another node, or, when Redis did not answer, left with its slot for the
-        other nodes to resume once this node's lease lapses (ending it here would lose a
-        session that other nodes have room for). False: no node can take it."""
-        if not (self.draining and session.record.resumable) or session.abandoned:
-            return False
-        try:
-            if self._handoff_targets is None:
-                self._handoff_targets = await self.moves.hand_off_targets()
-            return await self.moves.hand_off(session, self._handoff_targets)
-        except REDIS_ERRORS as exc:
-            log.warning(
-                "hand-off failed (%s): leaving the session to the other nodes, which resume "
-                "it once this node's lease lapses",
-                type(exc).__name__,
-                extra=session.log_extra,
-            )
-            return True
 
     def count_state(self, state: str, delta: int) -> None:
         if state in self._state_counts:
