@@ -85,6 +85,28 @@ class LeaseLost(FleetError):
     code = "lease_lost"
 
 
+class SessionEnded(FleetError):
+    """The session has ended: it takes no more messages."""
+
+    code = "session_ended"
+
+
+class InboxBusy(FleetError):
+    """The worker rejects messages while an earlier one is unconsumed (``inbox = "reject"``)."""
+
+    code = "busy"
+
+
+class InboxFull(FleetError):
+    """The session holds ``FLEET_INBOX_MAXLEN`` unconsumed messages."""
+
+    code = "inbox_full"
+
+
+class MessageTooLarge(FleetError):
+    code = "message_too_large"
+
+
 class CheckpointTooLarge(FleetError):
     code = "checkpoint_too_large"
 

@@ -56,6 +56,9 @@ class SessionRecord:
     close_reason: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     resumable: bool = True
+    inbox: str = "queue"  # the worker's busy policy: queue, reject or interrupt
+    inbox_pos: str = "0-0"  # the last inbox entry the latest checkpoint consumed
+    inbox_done: int = 0  # how many messages that is
 
     def to_hash(self) -> dict[str, str]:
         # Field by field rather than ``asdict``, whose deep copy is wasted work here (this
@@ -93,6 +96,9 @@ class SessionRecord:
             close_reason=raw.get("close_reason") or None,
             metrics=json.loads(raw.get("metrics", "{}")),
             resumable=raw.get("resumable", "1") == "1",
+            inbox=raw.get("inbox", "queue"),
+            inbox_pos=raw.get("inbox_pos", "0-0"),
+            inbox_done=int(raw.get("inbox_done", "0")),
         )
 
     def info(self) -> SessionInfo:

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     max_params_bytes: Annotated[int, Field(ge=2)] = 16 * 1024
     max_params_depth: Annotated[int, Field(ge=1, le=100)] = 16
     max_event_bytes: Annotated[int, Field(ge=64)] = 64 * 1024
+    max_message_bytes: Annotated[int, Field(ge=64)] = 64 * 1024
+    inbox_maxlen: Annotated[int, Field(ge=1)] = 1000
     cors_origins: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

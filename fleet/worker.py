@@ -5,10 +5,31 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-from collections.abc import Callable
-from typing import Any, Protocol, cast, runtime_checkable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 from fleet.errors import WorkerLoadError
+
+InboxPolicy = Literal["queue", "reject", "interrupt"]
+INBOX_POLICIES: tuple[InboxPolicy, ...] = ("queue", "reject", "interrupt")
+
+
+@dataclass(frozen=True)
+class Message:
+    """Input sent to the session from any node (``POST …/messages``), in the order sent.
+    It counts as consumed once the worker's next ``ctx.checkpoint`` is written."""
+
+    id: str
+    type: str
+    data: Any
+    sent_at: float
+    replier: Callable[[Message, Any], Awaitable[None]] = field(repr=False, compare=False)
+
+    async def reply(self, data: Any) -> None:
+        """Answer this message: a ``reply`` event for followers, and the answer of a send
+        that waits for it (``?wait=``), wherever it was sent from."""
+        await self.replier(self, data)
 
 
 class SessionHooks(Protocol):
@@ -17,6 +38,7 @@ class SessionHooks(Protocol):
     async def emit(self, type: str, data: Any) -> None: ...
     async def checkpoint(self, state: Any) -> None: ...
     def touch(self) -> None: ...
+    async def receive(self, timeout: float | None) -> Message | None: ...
 
 
 class SessionContext:
@@ -49,6 +71,9 @@ class SessionContext:
         self.closing = asyncio.Event()
         self.close_reason: str | None = None
         self.metrics: dict[str, float] = {}
+        #: Set when a message arrives, for workers whose ``inbox`` policy is "interrupt":
+        #: stop talking and listen. The worker clears it.
+        self.interrupt = asyncio.Event()
         self._hooks = hooks
 
     async def emit(self, type: str, data: Any = None) -> None:
@@ -63,6 +88,22 @@ class SessionContext:
     def touch(self) -> None:
         """Record activity, for ``FLEET_IDLE_TIMEOUT``."""
         self._hooks.touch()
+
+    async def receive(self, timeout: float | None = None) -> Message | None:
+        """The next message sent to the session, or ``None`` on timeout or once the
+        session is closing. Each message comes once per run; it is consumed (not given
+        again after a failover) once the next ``checkpoint`` is written."""
+        return await self._hooks.receive(timeout)
+
+    @property
+    def messages(self) -> AsyncIterator[Message]:
+        """``async for message in ctx.messages``: every message, in the order sent, until
+        the session is closing."""
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while (message := await self.receive()) is not None:
+            yield message
 
 
 @runtime_checkable
@@ -82,6 +123,11 @@ class WorkerSpec:
         self.import_string = import_string
         self._factory = factory
         self._template = template
+        if self.inbox not in INBOX_POLICIES:
+            raise WorkerLoadError(
+                f"worker {import_string!r}: inbox = {self.inbox!r}; it must be one of "
+                + ", ".join(INBOX_POLICIES)
+            )
 
     def create(self) -> Worker:
         return self._factory()
@@ -89,6 +135,14 @@ class WorkerSpec:
     @property
     def resumable(self) -> bool:
         return bool(getattr(self._template, "resumable", True))
+
+    @property
+    def inbox(self) -> InboxPolicy:
+        """What a message that arrives while an earlier one is unconsumed does: ``queue``
+        (wait its turn), ``reject`` (409 ``busy``) or ``interrupt`` (queue, and set
+        ``ctx.interrupt``)."""
+        policy = getattr(self._template, "inbox", "queue")
+        return cast(InboxPolicy, policy)
 
     def validate_params(self, params: dict[str, Any]) -> None:
         """Raise ``ValueError`` with a clear message when the worker refuses ``params``."""

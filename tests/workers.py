@@ -86,3 +86,40 @@ class Hoarder:
             await ctx.checkpoint({"small": True})
             return
         raise AssertionError("the oversized checkpoint was accepted")
+
+
+class Echo:
+    """Answers each message with what it said, and keeps the conversation in its checkpoint."""
+
+    async def run(self, ctx: SessionContext) -> None:
+        heard: list[Any] = list((ctx.state or {}).get("heard", []))
+        async for message in ctx.messages:
+            heard.append(message.data)
+            await ctx.checkpoint({"heard": heard})
+            await message.reply({"echo": message.data, "count": len(heard)})
+
+
+class Picky:
+    """Rejects messages while an earlier one is unconsumed; consumes one per ``go`` message."""
+
+    inbox = "reject"
+
+    async def run(self, ctx: SessionContext) -> None:
+        async for message in ctx.messages:
+            if message.data == "go":
+                await ctx.checkpoint({"last": message.id})
+
+
+class Listener:
+    """Talks until interrupted (``inbox = "interrupt"``), then listens."""
+
+    inbox = "interrupt"
+
+    async def run(self, ctx: SessionContext) -> None:
+        while not ctx.closing.is_set():
+            await ctx.interrupt.wait()
+            ctx.interrupt.clear()
+            message = await ctx.receive(timeout=1)
+            if message is not None:
+                await ctx.emit("interrupted", {"by": message.data})
+                await message.reply("listening")

@@ -20,7 +20,7 @@ from fleet import __version__
 from fleet.api import checks, errors
 from fleet.api.auth import ACCESS_TOKEN, TokenTable, get_docs_principal
 from fleet.api.middleware import HttpEdge
-from fleet.api.routes import events, health, nodes, sessions
+from fleet.api.routes import events, health, messages, nodes, sessions
 from fleet.runtime.node import Node
 from fleet.settings import Settings
 
@@ -55,6 +55,7 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
     errors.install(app)
     checks.document(app)
     app.include_router(sessions.router)
+    app.include_router(messages.router)
     app.include_router(events.router)
     app.include_router(nodes.router)
     app.include_router(health.router)

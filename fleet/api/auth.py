@@ -217,6 +217,11 @@ async def beacon_close_permission(principal: BeaconPrincipalDep) -> RecordCheck:
     return OwnedBy(principal)
 
 
+async def send_permission(principal: PrincipalDep) -> RecordCheck:
+    """Which sessions a principal may send messages to."""
+    return OwnedBy(principal)
+
+
 async def metrics_permission(principal: PrincipalDep) -> RecordCheck:
     """Whose per-session metrics a principal may read."""
     return OwnedBy(principal)
@@ -228,3 +233,4 @@ CanStream = Annotated[RecordCheck, Depends(stream_permission)]
 CanClose = Annotated[RecordCheck, Depends(close_permission)]
 CanBeaconClose = Annotated[RecordCheck, Depends(beacon_close_permission)]
 CanReadMetrics = Annotated[RecordCheck, Depends(metrics_permission)]
+CanSend = Annotated[RecordCheck, Depends(send_permission)]

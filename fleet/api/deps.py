@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from fleet.api.auth import RecordCheck
+from fleet.api.auth import OwnedBy, RecordCheck
 from fleet.errors import SessionNotFound
 from fleet.models import SessionRecord
 from fleet.runtime.node import Node
@@ -25,6 +25,16 @@ CallId = Annotated[
     str, Path(pattern=ID_PATTERN, description="A grouping key chosen by the client.")
 ]
 SessionId = Annotated[str, Path(pattern=ID_PATTERN)]
+
+
+async def scope_of(node: Node, call_id: str, session_id: str, allowed: RecordCheck) -> str:
+    """The principal a script must check the session against (``""`` for any). The
+    built-in ownership rule travels with the script itself (no extra round trip); a custom
+    hook sees the record first."""
+    if isinstance(allowed, OwnedBy):
+        return allowed.scope
+    await visible(node, call_id, session_id, allowed)
+    return ""
 
 
 async def visible(node: Node, call_id: str, session_id: str, allowed: RecordCheck) -> SessionRecord:

@@ -21,13 +21,17 @@ log = logging.getLogger("fleet.control")
 
 @dataclass(frozen=True)
 class Message:
-    op: str  # "close" (to the owner) or "ended" (back to whoever waits for the end)
+    # "close", "inbox" (a message arrived) and "resume" go to a session's owner; "ended"
+    # and "reply" go back to whoever waits for them
+    op: str
     ref: str
-    reason: str = ""
+    reason: str = ""  # a close's reason; a reply's ask token
     reply_to: str = ""
+    payload: str = ""  # a reply's data (JSON text)
 
     def encode(self) -> str:
-        return json.dumps(self.__dict__, separators=(",", ":"))
+        # Empty fields are left out: most messages are a few bytes of op and ref.
+        return json.dumps({k: v for k, v in self.__dict__.items() if v}, separators=(",", ":"))
 
     @classmethod
     def decode(cls, raw: str) -> Message | None:
@@ -38,6 +42,7 @@ class Message:
                 ref=str(data["ref"]),
                 reason=str(data.get("reason", "")),
                 reply_to=str(data.get("reply_to", "")),
+                payload=str(data.get("payload", "")),
             )
         except (ValueError, KeyError, TypeError):
             return None

@@ -29,6 +29,7 @@ from fleet.runtime.control import ControlListener, Message
 from fleet.runtime.drain import Drain
 from fleet.runtime.ends import Ends
 from fleet.runtime.idempotency import IdempotentStarts
+from fleet.runtime.inbox import Conversations
 from fleet.runtime.lease import Lease
 from fleet.runtime.maintenance import Maintenance, enforce_limits
 from fleet.runtime.moves import Moves
@@ -60,6 +61,7 @@ class Node:
         self._pending: set[str] = set()  # refs admitted but not yet in ``sessions``
         self.ends = Ends(self.registry, self.node_id)
         self.idempotent = IdempotentStarts(self.registry, self.start_session)
+        self.conversations = Conversations(self.registry, self.node_id, settings.inbox_maxlen)
         self.moves = Moves(self, self.sessions, self.worker, self.adopt)
         self.lease = Lease(
             self.registry,
@@ -250,6 +252,7 @@ class Node:
             principal=principal,
             started_at=time.time(),
             resumable=resumable and self.worker.resumable,
+            inbox=self.worker.inbox,
         )
         self._pending.add(ref)
         try:
@@ -372,12 +375,17 @@ class Node:
     def _on_message(self, message: Message) -> None:
         if message.op == "ended":
             self.ends.wake(message.ref)
-            return
-        if message.op == "resume":
+        elif message.op == "reply":
+            self.conversations.replies.resolve(message.reason, message.payload)
+        elif message.op == "inbox":
+            if (session := self.sessions.get(message.ref)) is not None:
+                session.nudge()
+        elif message.op == "resume":
             self.spawn(self.moves.resume(message.ref))
-            return
-        if message.op != "close":
-            return
+        elif message.op == "close":
+            self._on_close(message)
+
+    def _on_close(self, message: Message) -> None:
         session = self.sessions.get(message.ref)
         if session is None:
             if message.reply_to and message.reply_to != self.node_id:
@@ -395,6 +403,8 @@ class Node:
     async def _on_subscribed(self) -> None:
         self._set_ready_gauge()
         self.maintenance.wake()
+        for session in self.sessions.values():
+            session.inbox.wake()  # nudges sent while the channel was down are lost
 
     # -- what the lease and the sessions need -------------------------------------------
     def _node_info(self) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -14,11 +15,14 @@ from redis.exceptions import RedisError
 from fleet import metrics
 from fleet.errors import CheckpointTooLarge, EventTooLarge, LeaseLost
 from fleet.models import CloseReason, EndReason, SessionRecord, State
+from fleet.runtime.control import Message as ControlMessage
+from fleet.runtime.inbox import SessionInbox, to_message
 from fleet.settings import Settings
+from fleet.store.inbox import InboxEntry
 from fleet.store.keys import make_ref
 from fleet.store.registry import Registry
 from fleet.store.scripts import FENCED, MISSING
-from fleet.worker import SessionContext, Worker
+from fleet.worker import Message, SessionContext, Worker
 
 log = logging.getLogger("fleet.session")
 
@@ -109,6 +113,9 @@ class LocalSession:
         self.abandoned = False  # the worker ignored its cancellation: left behind
         self.task: asyncio.Task[None] | None = None
         self._closing_event: asyncio.Task[None] | None = None
+        self.inbox = SessionInbox(
+            host.registry, record.call_id, record.session_id, record.inbox_pos, record.inbox_done
+        )
 
     @property
     def log_extra(self) -> dict[str, str]:
@@ -142,9 +149,12 @@ class LocalSession:
             metrics.labelled(metrics.CHECKPOINTS, "too_large").inc()
             raise CheckpointTooLarge(f"checkpoint of {size} bytes is over the {limit}-byte limit")
         history = self.host.settings.checkpoint_history
+        # The messages handed out so far are consumed with this state, in the same step.
+        pos, count = self.inbox.consumed
+        consumed = (pos, count) if count != self.record.inbox_done else None
         try:
             version = await self._fenced(
-                lambda: self.host.registry.checkpoint(self.record, payload, history)
+                lambda: self.host.registry.checkpoint(self.record, payload, history, consumed)
             )
         except LeaseLost:
             metrics.labelled(metrics.CHECKPOINTS, "stale").inc()
@@ -152,6 +162,32 @@ class LocalSession:
         metrics.labelled(metrics.CHECKPOINTS, "ok").inc()
         metrics.CHECKPOINT_BYTES.observe(size)
         self.record.checkpoint_version = int(version)
+        self.record.inbox_pos, self.record.inbox_done = pos, count
+
+    async def receive(self, timeout: float | None) -> Message | None:
+        entry = await self._through_outages(lambda: self.inbox.next(self.ctx.closing, timeout))
+        if entry is None:
+            return None
+        self.touch()
+        return to_message(entry, lambda _, data: self._reply(entry, data))
+
+    async def _reply(self, entry: InboxEntry, data: Any) -> None:
+        """A ``reply`` event for followers; then the answer to the node that waits for it,
+        if any (whichever node this session runs on now)."""
+        payload = to_json(data)
+        await self.emit("reply", {"message_id": entry.id, "data": data})
+        if entry.reply_to and entry.ask:
+            message = ControlMessage("reply", self.ref, entry.ask, payload=payload).encode()
+            channel = self.host.registry.keys.node_channel(entry.reply_to)
+            with contextlib.suppress(RedisError, OSError):
+                await self.host.registry.redis.publish(channel, message)
+
+    def nudge(self) -> None:
+        """A message arrived: look in the inbox; with ``inbox = "interrupt"`` tell the
+        worker to listen."""
+        self.inbox.wake()
+        if self.record.inbox == "interrupt":
+            self.ctx.interrupt.set()
 
     async def _fenced(self, write: Callable[[], Awaitable[T]]) -> T:
         """A write fenced by owner and epoch: refused means another node owns the session
@@ -193,6 +229,7 @@ class LocalSession:
         log.info("closing (%s)", reason.value, extra=self.log_extra)
         self.ctx.close_reason = reason.value
         self.ctx.closing.set()
+        self.inbox.wake()  # a worker waiting for a message gets None
         if self.record.state != State.ENDED:
             self.host.count_state(self.record.state, -1)
             self.record.state = State.CLOSING
@@ -215,6 +252,7 @@ class LocalSession:
         if not self.closing:
             self.ctx.close_reason = CloseReason.HANDOFF.value
             self.ctx.closing.set()
+            self.inbox.wake()
         if asyncio.current_task() is not self.task:
             self._cancel()
         elif self._cancel_timer is None:

@@ -91,6 +91,15 @@ class Keys:
         """STREAM of the session's events."""
         return f"{self._call(call_id)}:events:{session_id}"
 
+    def inbox(self, call_id: str, session_id: str) -> str:
+        """STREAM of the messages sent to the session; entries up to the position its last
+        checkpoint consumed are trimmed."""
+        return f"{self._call(call_id)}:inbox:{session_id}"
+
+    def inbox_ids(self, call_id: str, session_id: str) -> str:
+        """HASH client message id -> inbox entry id: a retried send gets the first answer."""
+        return f"{self._call(call_id)}:inbox-ids:{session_id}"
+
     def idempotency(self, call_id: str, principal: str, key: str) -> str:
         """HASH: a start's ``Idempotency-Key``, per principal and call: the reservation
         (state, fingerprint, token) and then the answer. ``key`` must match the id pattern

@@ -10,9 +10,10 @@ says otherwise. Atomic steps are Lua scripts (``lua/``); key names come from ``k
 from __future__ import annotations
 
 from fleet.store.idempotency import Idempotency
+from fleet.store.inbox import Inbox
 from fleet.store.lookups import Lookups
 from fleet.store.sessions import Sessions
 
 
-class Registry(Sessions, Lookups, Idempotency):
+class Registry(Sessions, Lookups, Idempotency, Inbox):
     """Everything fleet keeps in Redis, behind one object per node."""

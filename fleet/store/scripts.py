@@ -114,6 +114,7 @@ class Scripts:
         "watch",
         "idempotency_reserve",
         "idempotency_release",
+        "send",
     )
 
     def __init__(self, redis: Redis) -> None:

@@ -128,6 +128,8 @@ class Sessions(Admission):
                     k.call_ended(c),
                     k.checkpoint(c, sid),
                     k.events(c, sid),
+                    k.inbox(c, sid),
+                    k.inbox_ids(c, sid),
                 ],
                 [
                     owner,
@@ -149,18 +151,33 @@ class Sessions(Admission):
         results = await self.scripts.run_pipeline(calls)
         return EndResult(int(results[0]))
 
-    async def checkpoint(self, record: SessionRecord, state_json: str, history: int) -> int:
+    async def checkpoint(
+        self,
+        record: SessionRecord,
+        state_json: str,
+        history: int,
+        consumed: tuple[str, int] | None = None,
+    ) -> int:
         """Save a checkpoint under the record's owner and epoch, as version
         ``record.checkpoint_version + 1`` (once: a retry of an applied write changes
-        nothing); -1 when fenced out."""
+        nothing); -1 when fenced out. ``consumed``: the last inbox entry the state has taken
+        in and how many messages that makes, recorded with the state."""
         k = self.keys
         c, sid = record.call_id, record.session_id
         version = record.checkpoint_version + 1
         return int(
             await self.scripts(
                 "checkpoint",
-                [k.session(c, sid), k.checkpoint(c, sid)],
-                [record.node_id, record.epoch, state_json, repr(time.time()), history, version],
+                [k.session(c, sid), k.checkpoint(c, sid), k.inbox(c, sid)],
+                [
+                    record.node_id,
+                    record.epoch,
+                    state_json,
+                    repr(time.time()),
+                    history,
+                    version,
+                    *(consumed or ("", 0)),
+                ],
             )
         )
 

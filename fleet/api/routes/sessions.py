@@ -14,10 +14,9 @@ from fleet.api.auth import (
     CanReadMetrics,
     CanStart,
     CanView,
-    OwnedBy,
     RecordCheck,
 )
-from fleet.api.deps import CallId, NodeDep, SessionId, visible
+from fleet.api.deps import CallId, NodeDep, SessionId, scope_of, visible
 from fleet.api.limits import check_params
 from fleet.errors import SessionNotFound
 from fleet.models import (
@@ -135,12 +134,7 @@ async def _close(
     wait: float | None,
     response: Response,
 ) -> SessionInfo | CloseAccepted:
-    if isinstance(allowed, OwnedBy):
-        # The ownership rule goes with the close request itself: one round trip.
-        scope = allowed.scope
-    else:
-        await visible(node, call_id, session_id, allowed)  # a custom hook sees the record
-        scope = ""
+    scope = await scope_of(node, call_id, session_id, allowed)
     record = await node.close_session(call_id, session_id, wait=wait, principal=scope)
     if record is None:
         response.status_code = 202

@@ -1,10 +1,14 @@
 -- checkpoint: save a session's state, fenced by owner and epoch.
 -- KEYS[1] session      HASH
 -- KEYS[2] checkpoint   LIST of checkpoint envelopes (JSON), newest first
+-- KEYS[3] inbox        STREAM of messages
 -- ARGV[1] node_id   ARGV[2] epoch   ARGV[3] state (JSON text, already validated)
 -- ARGV[4] saved_at (unix seconds)   ARGV[5] how many versions to keep
 -- ARGV[6] the version this write makes: a retry of a write that was applied (its answer
 --         was lost) finds the version there already and is not applied twice
+-- ARGV[7] the last inbox entry this state has consumed ('' = none new)
+-- ARGV[8] how many messages that is, since the session began: consumed atomically with the
+--         state, so a resume gets exactly the messages after it
 -- Returns the new version; -1 when this owner is fenced out (or the session ended); -2 when
 -- there is no record (Redis lost it: the owner writes it back, then saves again).
 local rec = redis.call('HMGET', KEYS[1], 'node_id', 'epoch', 'state')
@@ -24,4 +28,10 @@ local envelope = '{"version":' .. version .. ',"epoch":' .. ARGV[2] ..
   ',"saved_at":' .. ARGV[4] .. ',"state":' .. ARGV[3] .. '}'
 redis.call('LPUSH', KEYS[2], envelope)
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[5]) - 1)
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'inbox_pos', ARGV[7], 'inbox_done', ARGV[8])
+  -- Consumed entries are no longer needed: keep the ones after the position.
+  local ms, seq = string.match(ARGV[7], '^(%d+)-(%d+)$')
+  redis.call('XTRIM', KEYS[3], 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+end
 return version

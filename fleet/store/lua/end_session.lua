@@ -4,6 +4,7 @@
 -- KEYS[3] call_ended   ZSET session_id -> end time (ms)
 -- KEYS[4] checkpoint   checkpoint list (expires with the tombstone)
 -- KEYS[5] events       event stream (expires with the tombstone)
+-- KEYS[6] inbox, KEYS[7] inbox_ids   the conversation (expire with the tombstone)
 -- ARGV[1] owner node_id   ARGV[2] epoch ('' = any epoch of that owner)
 -- ARGV[3] end_reason      ARGV[4] ended_at (unix seconds)   ARGV[5] tombstone TTL (s)
 -- ARGV[6] error summary ('' = none)   ARGV[7] stream max length (approximate)
@@ -41,6 +42,8 @@ end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[4], ttl)
 redis.call('EXPIRE', KEYS[5], ttl)
+redis.call('EXPIRE', KEYS[6], ttl)
+redis.call('EXPIRE', KEYS[7], ttl)
 
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
