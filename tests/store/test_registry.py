@@ -123,7 +123,7 @@ async def test_metrics_reports_are_fenced_by_owner_and_epoch(
 ) -> None:
     reg = await registry(redis, make_settings)
     await reg.heartbeat("n1", {})
-    for sid in ("s1", "s2"):
+    for sid in ("s1", "s2", "s3"):
         await reg.admit("n1", "c", sid)
         assert await reg.create(record("c", sid, "n1"))
 
@@ -142,6 +142,13 @@ async def test_metrics_reports_are_fenced_by_owner_and_epoch(
     assert await reg.report_metrics("n2", [("c/s1", 2, '{"turns":4}')], 7.0) == [REPORTED]
     got = await reg.get("c", "s1")
     assert got is not None and got.metrics == {"turns": 4} and got.metrics_reported_at == 7.0
+
+    # The same node at an older epoch (the session left it and came back) is refused too.
+    assert await reg.claim("c/s3", "n1", "n1", "resume") == 2
+    assert await reg.report_metrics("n1", [("c/s3", 1, '{"old":1}')], 6.0) == [FENCED]
+    assert await reg.report_metrics("n1", [("c/s3", 2, '{"new":1}')], 6.0) == [REPORTED]
+    got = await reg.get("c", "s3")
+    assert got is not None and got.metrics == {"new": 1}
 
     # The end records the final values in the same step; nothing is reported after it.
     new_owner = record("c", "s1", "n2", epoch=2)
