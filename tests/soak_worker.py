@@ -10,9 +10,10 @@ saved (``ok``: ``n``), which were fenced (``lease_lost``), and how it stopped (`
 with the accepted checkpoints in Redis (version, epoch, state) through ``n``.
 
 Params: ``interval`` (seconds, default 0.1); ``steps`` (complete once ``n`` reaches it);
-``stubborn`` (seconds: ignore ``ctx.closing`` and cancellation for that long after the
-first of them, logging ``ignored``, then stop as asked: user code that misbehaves, within
-a bound); ``log`` (the log's path; default: the ``SOAK_WORKER_LOG`` variable). Each line is
+``stubborn`` (seconds: once asked to stop, by ``ctx.closing`` or a cancellation, carry on
+that long without checkpointing, swallowing every cancellation, then stop as asked: user
+code stuck in its clean-up, within a bound); ``log`` (the log's path; default: the
+``SOAK_WORKER_LOG`` variable). Each line is
 one ``os.write`` on a descriptor opened with ``O_APPEND``, so the lines of several
 processes never interleave.
 """
@@ -93,8 +94,7 @@ class SoakWorker:
         self.ctx = ctx
         self.interval = float(ctx.params.get("interval", 0.1))
         self.stubborn = float(ctx.params.get("stubborn", 0))
-        self.gives_in: float | None = None  # stubborn: when it stops ignoring
-        self.ignored: set[str] = set()
+        self.gives_in: float | None = None  # stubborn, asked to stop: when it does
         steps = ctx.params.get("steps")
         state = ctx.state
         self.n = int(state["n"]) if isinstance(state, dict) and "n" in state else 0
@@ -103,45 +103,45 @@ class SoakWorker:
         try:
             while steps is None or self.n < steps:
                 if not await self._wait():
-                    self.log.write("exit", why=f"closing:{ctx.close_reason}", n=self.n)
+                    if self.stubborn:
+                        await self._hold_out()
+                    why = f"closing:{ctx.close_reason}" if ctx.closing.is_set() else "gave_in"
+                    self.log.write("exit", why=why, n=self.n)
                     return
                 await self._step()
             self.log.write("exit", why="completed", n=self.n)
         finally:
             self.log.close()
 
-    def _holds_out(self, what: str) -> bool:
-        """Whether a stubborn worker ignores this close or cancellation."""
-        now = time.monotonic()
-        if self.gives_in is None and self.stubborn:
-            self.gives_in = now + self.stubborn
-        if self.gives_in is None or now >= self.gives_in:
-            return False
-        if what not in self.ignored:
-            self.ignored.add(what)
-            self.log.write("ignored", what=what, n=self.n)
-        return True
-
     async def _wait(self) -> bool:
-        """Wait one interval; False when the worker should stop (asked to close)."""
+        """Wait one interval; False once asked to stop: closed, or cancelled (which a
+        stubborn worker swallows, to hold out)."""
+        if self.ctx.closing.is_set() or self.gives_in is not None:
+            return False
         try:
-            if self.ctx.closing.is_set():
-                if not self._holds_out("closing"):
-                    return False
-                await asyncio.sleep(self.interval)
-                return True
-            try:
-                async with asyncio.timeout(self.interval):
-                    await self.ctx.closing.wait()
-            except TimeoutError:
-                return True
-            return await self._wait()
+            async with asyncio.timeout(self.interval):
+                await self.ctx.closing.wait()
+            return False
+        except TimeoutError:
+            return True
         except asyncio.CancelledError:
-            if not self._holds_out("cancel"):
+            if not self.stubborn:
                 self.log.write("cancelled", n=self.n)
                 raise
             _uncancel()
-            return True
+            return False
+
+    async def _hold_out(self) -> None:
+        """A stubborn worker asked to stop carries on for ``stubborn`` seconds, without
+        checkpointing, ignoring every cancellation; then it stops as asked."""
+        if self.gives_in is None:
+            self.gives_in = time.monotonic() + self.stubborn
+        self.log.write("ignored", n=self.n, closing=self.ctx.closing.is_set())
+        while (left := self.gives_in - time.monotonic()) > 0:
+            try:
+                await asyncio.sleep(left)
+            except asyncio.CancelledError:
+                _uncancel()
 
     async def _step(self) -> None:
         self.n += 1
@@ -162,8 +162,9 @@ class SoakWorker:
         self.log.write("ok", n=self.n)
 
     async def _write_shielded(self) -> None:
-        """A stubborn worker's write: a cancellation it ignores must not leave it unsure
-        whether this n was saved (writing it again would be a duplicate the soak reports)."""
+        """A stubborn worker's write: a cancellation it swallows must not leave it unsure
+        whether this n was saved (writing it again would be a duplicate the soak reports),
+        so it waits for the write, then holds out."""
         write = asyncio.ensure_future(self.ctx.checkpoint({"n": self.n}))
         write.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
         while True:
@@ -171,9 +172,9 @@ class SoakWorker:
                 await asyncio.shield(write)
                 return
             except asyncio.CancelledError:
-                if not self._holds_out("cancel"):
-                    raise
                 _uncancel()
+                if self.gives_in is None:
+                    self.gives_in = time.monotonic() + self.stubborn
 
 
 def _uncancel() -> None:
@@ -201,8 +202,10 @@ class Copy:
 
     @property
     def ended_itself(self) -> bool:
-        """It returned on its own (completed, or closed, not handed off)."""
-        return self.end.startswith("exit:") and self.end != "exit:closing:handoff"
+        """It returned on its own: completed, or closed (not handed off, not stopped)."""
+        return self.end == "exit:completed" or (
+            self.end.startswith("exit:closing:") and self.end != "exit:closing:handoff"
+        )
 
 
 def read_log(path: Path) -> tuple[list[Copy], int]:
