@@ -54,7 +54,10 @@ class SessionRecord:
     resumed_count: int = 0
     checkpoint_version: int = 0
     close_reason: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    # The worker's ``ctx.metrics`` as last reported by the owner (``fleet/runtime/reports.py``),
+    # and when (unix seconds; ``None``: never reported).
+    metrics: dict[str, int | float] = field(default_factory=dict)
+    metrics_reported_at: float | None = None
     resumable: bool = True
 
     def to_hash(self) -> dict[str, str]:
@@ -76,6 +79,7 @@ class SessionRecord:
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> SessionRecord:
         ended_at = raw.get("ended_at")
+        reported_at = raw.get("metrics_reported_at")
         return cls(
             session_id=raw["session_id"],
             call_id=raw["call_id"],
@@ -91,7 +95,8 @@ class SessionRecord:
             resumed_count=int(raw.get("resumed_count", "0")),
             checkpoint_version=int(raw.get("checkpoint_version", "0")),
             close_reason=raw.get("close_reason") or None,
-            metrics=json.loads(raw.get("metrics", "{}")),
+            metrics=json.loads(raw.get("metrics", "{}")),  # JSON keeps ints ints
+            metrics_reported_at=float(reported_at) if reported_at else None,
             resumable=raw.get("resumable", "1") == "1",
         )
 
@@ -150,7 +155,14 @@ class SessionMetrics(BaseModel):
     call_id: str
     node_id: str
     state: State
-    metrics: dict[str, float]
+    # int | float, in that order: an integer stays an integer, through JSON and back.
+    metrics: dict[str, int | float]
+    reported_at: float | None = Field(
+        default=None,
+        description="When these values were taken from the worker (unix seconds): now on "
+        "the owner, which answers its live values; the owner's last report on any other "
+        "node and after the end; null if the owner never reported any.",
+    )
     started_at: float
     ended_at: float | None
     duration_seconds: float

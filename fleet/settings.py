@@ -53,6 +53,7 @@ class Settings(BaseSettings):
 
     node_ttl: PositiveSeconds = 10.0
     maintenance_interval: PositiveSeconds = 5.0
+    metrics_report_interval: PositiveSeconds = 5.0
     max_sessions_per_call: OptionalLimit = None
     max_sessions: OptionalLimit = None
     max_sessions_per_node: OptionalLimit = None

@@ -48,7 +48,9 @@ class SessionContext:
         self.resumed = resumed
         self.closing = asyncio.Event()
         self.close_reason: str | None = None
-        self.metrics: dict[str, float] = {}
+        # Numbers the owner reports at ``…/metrics`` (``fleet/runtime/reports.py``): at most
+        # every ``FLEET_METRICS_REPORT_INTERVAL`` seconds, and once at the end.
+        self.metrics: dict[str, int | float] = {}
         self._hooks = hooks
 
     async def emit(self, type: str, data: Any = None) -> None:

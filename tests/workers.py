@@ -86,3 +86,26 @@ class Hoarder:
             await ctx.checkpoint({"small": True})
             return
         raise AssertionError("the oversized checkpoint was accepted")
+
+
+class Metered:
+    """Sets ``ctx.metrics = {"turns": 3, "latency_ms": 12.5}`` (with ``params["bad"]``, also
+    entries that are not metrics), waits for a close, and takes one more turn on its way
+    out: a value that only the end can report."""
+
+    async def run(self, ctx: SessionContext) -> None:
+        ctx.metrics = {"turns": 3, "latency_ms": 12.5}
+        if ctx.params.get("bad"):
+            bad: dict[Any, Any] = {
+                "flag": True,
+                "nan": float("nan"),
+                "inf": float("inf"),
+                "text": "12",
+                "huge": 2**70,
+                "n" * 65: 1,
+                "": 1,
+                7: 1,
+            }
+            ctx.metrics.update(bad)
+        await ctx.closing.wait()
+        ctx.metrics["turns"] = 4

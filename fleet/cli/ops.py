@@ -47,6 +47,11 @@ def age(seconds: float) -> str:
     return f"{d}d{h:02d}h"
 
 
+def number(value: int | float) -> str:
+    """An integer as it is; a float in at most 6 significant digits."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def timestamp(unix: float | None) -> str:
     if unix is None:
         return "-"
@@ -113,7 +118,9 @@ def session_details(info: SessionInfo, metrics: SessionMetrics | None, now: floa
     ]
     if metrics is not None:
         fields.append(("duration", f"{metrics.duration_seconds:.1f}s"))
-        shown = " ".join(f"{k}={v:g}" for k, v in sorted(metrics.metrics.items()))
+        shown = " ".join(f"{k}={number(v)}" for k, v in sorted(metrics.metrics.items()))
+        if metrics.reported_at is not None:
+            shown = f"{shown or '-'} (as of {age(now - metrics.reported_at)} ago)"
         fields.append(("metrics", shown or "-"))
     width = max(len(k) for k, _ in fields)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in fields)
@@ -177,7 +184,13 @@ def cmd_show(client: FleetClient, args: argparse.Namespace) -> int:
     except FleetAPIError:
         metrics = None  # the tombstone expired in between, or metrics are not allowed
     if args.json:
-        dump({**as_json(info), "metrics": None if metrics is None else metrics.metrics})
+        dump(
+            {
+                **as_json(info),
+                "metrics": None if metrics is None else metrics.metrics,
+                "metrics_reported_at": None if metrics is None else metrics.reported_at,
+            }
+        )
     else:
         print(session_details(info, metrics, time.time()))
     return EXIT_OK

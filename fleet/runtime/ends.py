@@ -2,7 +2,8 @@
 that could not be written yet.
 
 An end is written once by the owner (``end_session.lua``, fenced by owner and epoch) and
-releases the admission slot in the same round trip. Nodes that asked for the close with
+releases the admission slot in the same round trip; it carries the worker's final metrics
+(``fleet/runtime/reports.py``) too. Nodes that asked for the close with
 ``?wait`` are told over their channels in that same step; waiters on this node are woken
 directly. An end that meets a Redis outage is kept here and written by the maintenance pass
 once Redis answers, still fenced, so a session that moved meanwhile is not ended twice.
@@ -33,22 +34,31 @@ class Ends:
     def __init__(self, registry: Registry, node_id: str) -> None:
         self.registry = registry
         self.node_id = node_id
-        # ref -> what to write once Redis answers again
-        self.unwritten: dict[str, tuple[SessionRecord, EndReason, str]] = {}
+        # ref -> what to write once Redis answers again: record, reason, error, metrics
+        self.unwritten: dict[str, tuple[SessionRecord, EndReason, str, str]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     # -- writing ------------------------------------------------------------------------
     async def write(
-        self, record: SessionRecord, reason: EndReason, error: str, replies: set[str]
+        self,
+        record: SessionRecord,
+        reason: EndReason,
+        error: str,
+        replies: set[str],
+        final_metrics: str = "",
     ) -> None:
-        """Record the end and free the slot; tell the nodes in ``replies`` it happened."""
+        """Record the end and free the slot; tell the nodes in ``replies`` it happened.
+        ``final_metrics``: the worker's last metrics (JSON), ``""`` when the last report
+        holds them."""
         ref = make_ref(record.call_id, record.session_id)
         notify = (Message("ended", ref).encode(), replies) if replies else ("", ())
         try:
-            result = await self.registry.end(record, reason.value, error=error, notify=notify)
+            result = await self.registry.end(
+                record, reason.value, error=error, notify=notify, metrics=final_metrics
+            )
         except REDIS_ERRORS:
             # Written by the maintenance pass once Redis answers (still fenced by epoch).
-            self.unwritten[ref] = (record, reason, error)
+            self.unwritten[ref] = (record, reason, error, final_metrics)
             return
         if result is EndResult.ENDED:
             metrics.labelled(metrics.SESSIONS_ENDED, reason.value).inc()
@@ -63,8 +73,8 @@ class Ends:
             )
 
     async def write_unwritten(self) -> None:
-        for ref, (record, reason, error) in list(self.unwritten.items()):
-            result = await self.registry.end(record, reason.value, error=error)
+        for ref, (record, reason, error, final) in list(self.unwritten.items()):
+            result = await self.registry.end(record, reason.value, error=error, metrics=final)
             self.unwritten.pop(ref, None)
             if result is EndResult.ENDED:
                 metrics.labelled(metrics.SESSIONS_ENDED, reason.value).inc()

@@ -32,6 +32,7 @@ from fleet.runtime.idempotency import IdempotentStarts
 from fleet.runtime.lease import Lease
 from fleet.runtime.maintenance import Maintenance, enforce_limits
 from fleet.runtime.moves import Moves
+from fleet.runtime.reports import MetricsReports
 from fleet.runtime.session import CANCEL_GRACE, LocalSession
 from fleet.settings import Settings
 from fleet.store import REDIS_ERRORS
@@ -59,6 +60,7 @@ class Node:
         self.sessions: dict[str, LocalSession] = {}
         self._pending: set[str] = set()  # refs admitted but not yet in ``sessions``
         self.ends = Ends(self.registry, self.node_id)
+        self.reports = MetricsReports(self.registry, settings, self.sessions)
         self.idempotent = IdempotentStarts(self.registry, self.start_session)
         self.moves = Moves(self, self.sessions, self.worker, self.adopt)
         self.lease = Lease(
@@ -114,6 +116,7 @@ class Node:
             "lease": self.lease.run(),
             "maintenance": self.maintenance.run(),
             "limits": enforce_limits(self.settings, self.sessions),
+            "metrics reports": self.reports.run(),
             "control listener": self._listener.run(),
         }
         for name, loop in loops.items():
@@ -339,7 +342,7 @@ class Node:
         replies = session.reply_to - {self.node_id}
         if not moved:
             # Whoever waits for this end is told in the same round trip as the end.
-            await self.ends.write(record, reason, error, replies)
+            await self.ends.write(record, reason, error, replies, self.reports.final(session))
         elif replies:
             self.spawn(self.ends.publish_ended(session.ref, replies))
         self.sessions.pop(session.ref, None)

@@ -65,10 +65,11 @@ class ReserveResult(enum.StrEnum):
     MISMATCH = "mismatch"
 
 
-# checkpoint.lua, emit.lua and claim.lua: this owner is fenced out; create_session.lua:
-# this start's idempotency reservation is no longer its own.
+# checkpoint.lua, emit.lua, report_metrics.lua and claim.lua: this owner is fenced out;
+# create_session.lua: this start's idempotency reservation is no longer its own.
 FENCED = -1
-MISSING = -2  # checkpoint.lua and emit.lua: no record (Redis lost it)
+MISSING = -2  # checkpoint.lua, emit.lua, report_metrics.lua: no record (Redis lost it)
+REPORTED = 1  # report_metrics.lua: written
 TAKEN = -3  # claim.lua: another node holds the session now
 
 
@@ -112,6 +113,7 @@ class Scripts:
         "claim",
         "handoff",
         "watch",
+        "report_metrics",
         "idempotency_reserve",
         "idempotency_release",
     )

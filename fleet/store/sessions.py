@@ -24,6 +24,8 @@ from fleet.store.scripts import FENCED, EndResult
 
 # Sessions per watch.lua call: big enough to be cheap, small enough to keep Redis snappy.
 WATCH_CHUNK = 500
+# Sessions per report_metrics.lua call: each carries up to a few KB of metrics.
+REPORT_CHUNK = 200
 
 
 class Sessions(Admission):
@@ -106,6 +108,7 @@ class Sessions(Admission):
         any_epoch: bool = False,
         release_from: str | None = None,
         notify: tuple[str, Iterable[str]] = ("", ()),
+        metrics: str = "",
     ) -> EndResult:
         """End a session (fenced by owner and epoch, emitting ``session_ended``) and release
         its slot, in one round trip.
@@ -113,7 +116,8 @@ class Sessions(Admission):
         ``owner`` defaults to the record's node; the reaper passes the dead node with
         ``any_epoch``. ``release_from`` names the node whose slot to free (default: the
         owner; ``""`` for none). ``notify``: a message and the nodes to publish it to once
-        the session is ended (now or before), in the same step.
+        the session is ended (now or before), in the same step. ``metrics``: the worker's
+        final metrics (JSON) to record with the end; ``""`` keeps the last report.
         """
         message, nodes = notify
         k = self.keys
@@ -140,6 +144,7 @@ class Sessions(Admission):
                     to_json({"end_reason": reason}),
                     self._announce(c, sid),
                     message,
+                    metrics,
                     *(k.node_channel(node) for node in nodes),
                 ],
             )
@@ -238,14 +243,7 @@ class Sessions(Admission):
         """The node's slot count, and the sessions among ``sessions`` (ref, epoch) that need
         attention as (index, code, detail): see ``watch.lua``. One round trip: the sessions
         go in pipelined chunks (on Cluster, one hash slot per chunk)."""
-        groups: dict[int, list[int]] = {}
-        for i, (ref, _) in enumerate(sessions):
-            slot = key_slot(self.keys.session(*split_ref(ref)).encode()) if self.cluster else 0
-            groups.setdefault(slot, []).append(i)
-        chunks: list[list[int]] = []
-        for indexes in groups.values():
-            for start in range(0, len(indexes), WATCH_CHUNK):
-                chunks.append(indexes[start : start + WATCH_CHUNK])
+        chunks = self._slot_chunks([ref for ref, _ in sessions], WATCH_CHUNK)
         calls: list[Call] = [
             (
                 "watch",
@@ -264,3 +262,43 @@ class Sessions(Admission):
             for j in range(0, len(flat), 3):
                 found.append((chunk[int(flat[j]) - 1], str(flat[j + 1]), str(flat[j + 2])))
         return int(count), found
+
+    async def report_metrics(
+        self, node_id: str, reports: list[tuple[str, int, str]], reported_at: float
+    ) -> list[int]:
+        """Write the metrics of this node's sessions (ref, epoch, metrics JSON) into their
+        records, each fenced by owner and epoch: one code per report, ``REPORTED``,
+        ``FENCED`` or ``MISSING`` (``report_metrics.lua``). One round trip, in pipelined
+        chunks like ``watch``."""
+        chunks = self._slot_chunks([ref for ref, _, _ in reports], REPORT_CHUNK)
+        calls: list[Call] = [
+            (
+                "report_metrics",
+                [self.keys.session(*split_ref(reports[i][0])) for i in chunk],
+                [
+                    node_id,
+                    repr(reported_at),
+                    *(x for i in chunk for x in (reports[i][1], reports[i][2])),
+                ],
+            )
+            for chunk in chunks
+        ]
+        codes = [0] * len(reports)
+        answers = await self.scripts.run_pipeline(calls)  # timed there
+        for chunk, answer in zip(chunks, answers, strict=True):
+            for i, code in zip(chunk, answer, strict=True):
+                codes[i] = int(code)
+        return codes
+
+    def _slot_chunks(self, refs: list[str], size: int) -> list[list[int]]:
+        """Indexes into ``refs`` in chunks of at most ``size``, each chunk's sessions in one
+        hash slot on Cluster (a script's keys must share one) and in any order elsewhere."""
+        groups: dict[int, list[int]] = {}
+        for i, ref in enumerate(refs):
+            slot = key_slot(self.keys.session(*split_ref(ref)).encode()) if self.cluster else 0
+            groups.setdefault(slot, []).append(i)
+        return [
+            indexes[start : start + size]
+            for indexes in groups.values()
+            for start in range(0, len(indexes), size)
+        ]

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
-from tests.conftest import SettingsFactory, api_client
+from tests.conftest import SettingsFactory, api_client, api_node
 
 COUNTER_FAST: dict[str, Any] = {"params": {"interval": 0.02, "limit": 3}}
 
@@ -232,6 +232,39 @@ async def test_session_metrics_endpoint(make_settings: SettingsFactory, redis: R
         data = (await client.get(f"/calls/demo/sessions/{sid}/metrics")).json()
         assert data["metrics"] == {"answer": 42}
         assert data["state"] == "running" and data["duration_seconds"] >= 0
+
+
+async def test_any_node_answers_the_metrics_as_last_reported(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    metered = {"worker": "tests.workers:Metered", "metrics_report_interval": 0.2}
+    async with (
+        api_node(make_settings(**metered), redis) as (owner, owner_node),
+        api_node(make_settings(**metered), redis) as (other, _),
+    ):
+        sid = (await start(owner))["session_id"]
+        path = f"/calls/demo/sessions/{sid}/metrics"
+        deadline = time.monotonic() + 0.2 + 0.3  # within the interval, and a margin
+        while (seen := (await other.get(path)).json())["reported_at"] is None:
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.01)
+        assert seen["metrics"] == {"turns": 3, "latency_ms": 12.5}
+        assert seen["node_id"] == owner_node.node_id and seen["state"] == "running"
+        assert type(seen["metrics"]["turns"]) is int  # the JSON says 3, not 3.0
+        # The owner answers its live values, as of now.
+        owner_node.sessions[f"demo/{sid}"].ctx.metrics["turns"] = 7
+        live = (await owner.get(path)).json()
+        assert live["metrics"] == {"turns": 7, "latency_ms": 12.5}
+        assert live["reported_at"] >= seen["reported_at"]
+        # After the end, every node answers the final report (the owner too).
+        await owner.delete(f"/calls/demo/sessions/{sid}", params={"wait": 5})
+        for client in (owner, other):
+            final = (await client.get(path)).json()
+            assert final["state"] == "ended" and final["metrics"] == {
+                "turns": 4,
+                "latency_ms": 12.5,
+            }
+            assert final["reported_at"] == final["ended_at"]
 
 
 async def test_tombstone_expires(make_settings: SettingsFactory, redis: Redis) -> None:

@@ -14,7 +14,14 @@ from fleet.errors import AdmissionRejected, NotAccepting
 from fleet.models import SessionRecord
 from fleet.store.keys import make_ref
 from fleet.store.registry import Registry
-from fleet.store.scripts import EndResult, HeartbeatStatus, ReapResult
+from fleet.store.scripts import (
+    FENCED,
+    MISSING,
+    REPORTED,
+    EndResult,
+    HeartbeatStatus,
+    ReapResult,
+)
 from tests.conftest import SettingsFactory
 
 
@@ -109,6 +116,55 @@ async def test_end_is_fenced_by_owner_and_epoch(
     assert got is not None and got.state == "ended" and got.end_reason == "completed"
     assert await redis.ttl(reg.keys.session("c", "s1")) > 0
     assert await redis.scard(reg.keys.node_sessions("n1")) == 0
+
+
+async def test_metrics_reports_are_fenced_by_owner_and_epoch(
+    redis: Redis, make_settings: SettingsFactory
+) -> None:
+    reg = await registry(redis, make_settings)
+    await reg.heartbeat("n1", {})
+    for sid in ("s1", "s2", "s3"):
+        await reg.admit("n1", "c", sid)
+        assert await reg.create(record("c", sid, "n1"))
+
+    # Both reports in one call: one code each, in order.
+    codes = await reg.report_metrics("n1", [("c/s1", 1, '{"turns":3}'), ("c/s2", 1, "{}")], 5.0)
+    assert codes == [REPORTED, REPORTED]
+    got = await reg.get("c", "s1")
+    assert got is not None and got.metrics == {"turns": 3} and got.metrics_reported_at == 5.0
+    assert type(got.metrics["turns"]) is int
+
+    # The session moves on (a claim: epoch 2 on n2); the old owner's report is refused.
+    assert await reg.claim("c/s1", "n1", "n2", "resume") == 2
+    stale = await reg.report_metrics("n1", [("c/s1", 1, '{"turns":99}')], 6.0)
+    at_new_epoch_but_not_owner = await reg.report_metrics("n1", [("c/s1", 2, '{"turns":98}')], 6.0)
+    assert stale == at_new_epoch_but_not_owner == [FENCED]
+    assert await reg.report_metrics("n2", [("c/s1", 2, '{"turns":4}')], 7.0) == [REPORTED]
+    got = await reg.get("c", "s1")
+    assert got is not None and got.metrics == {"turns": 4} and got.metrics_reported_at == 7.0
+
+    # The same node at an older epoch (the session left it and came back) is refused too.
+    assert await reg.claim("c/s3", "n1", "n1", "resume") == 2
+    assert await reg.report_metrics("n1", [("c/s3", 1, '{"old":1}')], 6.0) == [FENCED]
+    assert await reg.report_metrics("n1", [("c/s3", 2, '{"new":1}')], 6.0) == [REPORTED]
+    got = await reg.get("c", "s3")
+    assert got is not None and got.metrics == {"new": 1}
+
+    # The end records the final values in the same step; nothing is reported after it.
+    new_owner = record("c", "s1", "n2", epoch=2)
+    assert await reg.end(new_owner, "closed", metrics='{"turns":5}') is EndResult.ENDED
+    assert await reg.report_metrics("n2", [("c/s1", 2, '{"turns":6}')], 9.0) == [FENCED]
+    got = await reg.get("c", "s1")
+    assert got is not None and got.metrics == {"turns": 5}
+    assert got.metrics_reported_at == got.ended_at
+    # An end without metrics keeps the last report; a fenced end writes none.
+    assert await reg.end(record("c", "s2", "n9"), "closed", metrics='{"x":1}') is EndResult.FENCED
+    assert await reg.end(record("c", "s2", "n1"), "closed") is EndResult.ENDED
+    got = await reg.get("c", "s2")
+    assert got is not None and got.metrics == {} and got.metrics_reported_at == 5.0
+    # No record (Redis lost it): MISSING, and nothing is created.
+    assert await reg.report_metrics("n1", [("c/gone", 1, '{"a":1}')], 9.0) == [MISSING]
+    assert not await redis.exists(reg.keys.session("c", "gone"))
 
 
 async def _next_message(pubsub: Any) -> Any:

@@ -30,6 +30,7 @@ from fleet.models import (
     State,
 )
 from fleet.runtime.node import Node
+from fleet.runtime.reports import reportable
 from fleet.settings import ID_PATTERN
 from fleet.store.keys import make_ref
 
@@ -200,11 +201,15 @@ async def close_session_beacon(
 async def session_metrics(
     call_id: CallId, session_id: SessionId, node: NodeDep, allowed: CanReadMetrics
 ) -> SessionMetrics:
-    """The worker's ``ctx.metrics``: live from the owner, or as last reported to Redis by
-    the owner's maintenance pass when asked of another node."""
+    """The worker's ``ctx.metrics``: from any node, as its owner last reported them into
+    the record (at most every ``FLEET_METRICS_REPORT_INTERVAL`` seconds, and at the end),
+    with ``reported_at``; the owner itself answers its live values, taken now."""
     record = await visible(node, call_id, session_id, allowed)
     local = node.sessions.get(make_ref(call_id, session_id))
-    values = dict(local.ctx.metrics) if local is not None else record.metrics
+    values, reported_at = record.metrics, record.metrics_reported_at
+    owner = record.node_id == node.node_id and record.state != State.ENDED
+    if local is not None and owner and local.record.epoch == record.epoch:
+        values, reported_at = reportable(local.ctx.metrics)[0], time.time()
     end = record.ended_at or time.time()
     return SessionMetrics(
         session_id=record.session_id,
@@ -212,6 +217,7 @@ async def session_metrics(
         node_id=record.node_id,
         state=State(record.state),
         metrics=values,
+        reported_at=reported_at,
         started_at=record.started_at,
         ended_at=record.ended_at,
         duration_seconds=round(max(0.0, end - record.started_at), 3),

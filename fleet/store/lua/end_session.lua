@@ -10,14 +10,17 @@
 -- ARGV[8] session_ended event data (JSON)
 -- ARGV[9] the stream's channel, to announce session_ended on ('' = none: see keys.py)
 -- ARGV[10] a message for the nodes that wait for this end ('' = none)
--- ARGV[11..] their channels (a channel is not a key: Cluster is unaffected)
+-- ARGV[11] the worker's final metrics (a JSON object; '' = keep the last report), written
+--          with metrics_reported_at = ended_at: the owner's last report rides on its end
+-- ARGV[12..] the channels of the nodes that wait (a channel is not a key: Cluster is
+--          unaffected)
 -- Returns 1 ended now, 0 no such session, 2 already ended, -1 fenced (owner moved on).
 local rec = redis.call('HMGET', KEYS[1], 'node_id', 'epoch', 'state', 'session_id')
 if not rec[1] then
   return 0
 end
 local function notify()
-  for i = 11, #ARGV do
+  for i = 12, #ARGV do
     redis.call('PUBLISH', ARGV[i], ARGV[10])
   end
 end
@@ -32,6 +35,9 @@ local ttl = tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_at', ARGV[4], 'end_reason', ARGV[3])
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'error', ARGV[6])
+end
+if ARGV[11] ~= '' then
+  redis.call('HSET', KEYS[1], 'metrics', ARGV[11], 'metrics_reported_at', ARGV[4])
 end
 local id = redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*',
   'type', 'session_ended', 'data', ARGV[8])
