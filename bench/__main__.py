@@ -1,6 +1,7 @@
-"""``python -m bench [NAME ...] [--runs N] [--quick] [--output PATH]``
+"""``python -m bench [NAME ...] [--runs N] [--quick] [--output PATH] [--seconds S] [--seed N]``
 
-Runs the named benchmarks (all of them by default), each starting what it needs (a
+Runs the named benchmarks (all of them by default, except those in ``ON_REQUEST``, which
+run only when named: ``python -m bench soak``), each starting what it needs (a
 redis-server, ``fleet serve`` processes), shows progress on stderr, prints each result
 section on stdout and writes it into ``docs/benchmarks.md`` between its markers, leaving
 every other part of that file as it is. A benchmark is any module ``bench/<name>.py``
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import shlex
 import sys
@@ -27,6 +29,8 @@ from bench import common
 # The order of a full run; benchmarks found that are not listed here run after these.
 ORDER = ("close_latency", "admission_race", "heartbeat_cost", "events_latency")
 NOT_BENCHMARKS = {"common", "__main__"}
+# Run only when named: the soak injects faults for ten minutes (``--seconds``, ``--seed``).
+ON_REQUEST = ("soak",)
 
 
 def discover() -> dict[str, ModuleType]:
@@ -64,12 +68,23 @@ def parse(argv: list[str], known: list[str]) -> argparse.Namespace:
         default=None,
         help=f"results file (default {common.RESULTS.relative_to(common.ROOT)})",
     )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="soak: seconds of faults (default 600; 60 with --quick); sets FLEET_SOAK_SECONDS",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="soak: the seed (sets FLEET_SOAK_SEED)"
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in known]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; known: {known}")
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.seconds is not None and args.seconds <= 0:
+        parser.error("--seconds must be over 0")
     return args
 
 
@@ -87,13 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     benchmarks = discover()
     args = parse(argv, list(benchmarks))
     runs = args.runs if args.runs is not None else (2 if args.quick else 5)
+    # The soak reads these, like the soak test does.
+    if args.seconds is not None:
+        os.environ["FLEET_SOAK_SECONDS"] = str(args.seconds)
+    if args.seed is not None:
+        os.environ["FLEET_SOAK_SEED"] = str(args.seed)
     command = " ".join(["python -m bench", *(shlex.quote(a) for a in argv)])
     opts = common.Options(runs=runs, quick=args.quick, command=command)
     output: Path | None = args.output or (None if args.quick else common.RESULTS)
     info = common.machine()
     common.progress(f"machine: {common.machine_line(info)}")
     failed = []
-    for name in args.names or list(benchmarks):
+    for name in args.names or [n for n in benchmarks if n not in ON_REQUEST]:
         module = benchmarks[name]
         common.progress(f"== {name}: {runs} run(s){' (quick)' if args.quick else ''}")
         began = time.monotonic()
