@@ -75,6 +75,33 @@ NODES_LIVE = Gauge(
 BUILD_INFO = Gauge(
     "fleet_build_info", "Always 1; the version is a label.", ["version"], multiprocess_mode="max"
 )
+MESSAGE_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0
+)  # fmt: skip  # a message may wait behind others, an answer on a slow model
+MESSAGE_OUTCOMES = ("accepted", "duplicate", "busy", "full", "ended", "not_found", "too_large")
+MESSAGES_SENT = Counter(
+    "fleet_messages_sent",
+    "Messages sent to sessions through this node, by outcome (duplicate: a retry with a "
+    "known id; busy, full, ended, not_found, too_large: refused).",
+    ["outcome"],
+)
+MESSAGE_REPLIES = Counter(
+    "fleet_message_replies",
+    "Replies by workers on this node, by where they go: sender (its sender waits with "
+    "?wait: sent back to the asking node, and as an event) or event (a reply event only).",
+    ["to"],
+)
+MESSAGE_DELIVERY_SECONDS = Histogram(
+    "fleet_message_delivery_seconds",
+    "Time from a message's send to its worker receiving it, on the owner (queueing "
+    "behind earlier messages included).",
+    buckets=MESSAGE_BUCKETS,
+)
+MESSAGE_ASK_SECONDS = Histogram(
+    "fleet_message_ask_seconds",
+    "Time from a send with ?wait to the reply reaching the asking node (answered asks only).",
+    buckets=MESSAGE_BUCKETS,
+)
 HTTP_REQUESTS = Counter(
     "fleet_http_requests",
     "HTTP requests, by route template and status class.",
@@ -104,6 +131,10 @@ def init_labels() -> None:
         CHECKPOINTS.labels(result)
     for result in ("resumed", "lost"):
         FAILOVERS.labels(result)
+    for outcome in MESSAGE_OUTCOMES:
+        MESSAGES_SENT.labels(outcome)
+    for to in ("sender", "event"):
+        MESSAGE_REPLIES.labels(to)
 
 
 _children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}

@@ -1,4 +1,4 @@
-"""``fleet sessions ls|show|close`` and ``fleet nodes``: a fleet seen from outside.
+"""``fleet sessions ls|show|close|send`` and ``fleet nodes``: a fleet seen from outside.
 
 These commands talk to a node (or to the load balancer in front of the fleet) through
 ``fleet.client``, at ``--url`` or ``FLEET_URL``, with the token in ``FLEET_TOKEN``. The
@@ -20,7 +20,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from fleet.client import FleetAPIError, FleetClient, FleetConnectionError, SessionMetrics
+from fleet.client import (
+    FleetAPIError,
+    FleetClient,
+    FleetConnectionError,
+    MessageReply,
+    SessionMetrics,
+)
 from fleet.errors import FleetError
 from fleet.models import CloseAccepted, NodeInfo, SessionInfo, State
 
@@ -211,6 +217,22 @@ def cmd_close(client: FleetClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_send(client: FleetClient, args: argparse.Namespace) -> int:
+    answer = client.send(
+        args.call_id, args.session_id, args.data, type=args.type, id=args.id, wait=args.wait
+    )
+    if args.json:
+        dump(as_json(answer))
+    elif isinstance(answer, MessageReply):
+        print(json.dumps(answer.reply, ensure_ascii=False))
+    else:
+        print(answer.message_id)
+    if args.wait is not None and not isinstance(answer, MessageReply):
+        print(f"fleet: no reply to {answer.message_id} after {args.wait:g}s", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_nodes(client: FleetClient, args: argparse.Namespace) -> int:
     nodes = client.nodes()
     if args.json:
@@ -277,10 +299,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}); quote strings: '\"hi\"'") from exc
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``sessions`` and ``nodes`` to the ``fleet`` command."""
     common = _common()
-    sessions = sub.add_parser("sessions", help="list, show and close sessions of a fleet")
+    sessions = sub.add_parser("sessions", help="list, show, close and send to sessions of a fleet")
     verbs = sessions.add_subparsers(dest="verb", required=True)
 
     ls = verbs.add_parser("ls", parents=[common], help="list sessions, fleet-wide or of a call")
@@ -303,6 +332,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--wait", type=seconds, metavar="S", help="wait up to S seconds for the end (exit 1 if not)"
     )
     close.set_defaults(func=run, client_command=cmd_close)
+
+    send = verbs.add_parser(
+        "send", parents=[common], help="send a message to a session, from any node"
+    )
+    send.add_argument("call_id", metavar="CALL")
+    send.add_argument("session_id", metavar="SESSION")
+    send.add_argument(
+        "--data", type=json_value, required=True, metavar="JSON", help="the message: any JSON"
+    )
+    send.add_argument("--type", default="message", help="the message's type (default message)")
+    send.add_argument("--id", help="your id for it: a repeat with the same id is not sent twice")
+    send.add_argument(
+        "--wait",
+        type=seconds,
+        metavar="S",
+        help="wait up to S seconds for the worker's reply and print it (exit 1 if none)",
+    )
+    send.set_defaults(func=run, client_command=cmd_send)
 
     nodes = sub.add_parser("nodes", parents=[common], help="the live nodes of a fleet")
     nodes.set_defaults(func=run, client_command=cmd_nodes)

@@ -8,7 +8,9 @@ raises ``FleetAPIError(status, code, detail)``; a node that cannot be reached ra
 
 ``start_session`` sends an ``Idempotency-Key`` with every start and sends the start again
 when no answer comes or a proxy or a draining node refuses it: one session starts however
-many attempts reach a node (``retries=`` on either client; docs/cli.md).
+many attempts reach a node (``retries=`` on either client; docs/cli.md). ``send`` does
+the same with a message id: the session's inbox keeps one message per id. ``ask`` sends
+and returns the worker's reply, or raises ``NoReply`` when the wait runs out.
 
 The base URL and token come from the arguments or from ``FLEET_URL`` (default
 ``http://127.0.0.1:8000``) and ``FLEET_TOKEN``. The token is sent as
@@ -19,7 +21,15 @@ read the answer); the two clients only differ in how they send it.
 """
 
 from fleet.client.aio import AsyncFleetClient
-from fleet.client.base import FleetAPIError, FleetConnectionError, Health, Readiness
+from fleet.client.base import (
+    FleetAPIError,
+    FleetConnectionError,
+    Health,
+    MessageAccepted,
+    MessageReply,
+    NoReply,
+    Readiness,
+)
 from fleet.client.sse import ServerSentEvent, SSEDecoder
 from fleet.client.sync import FleetClient
 from fleet.models import SessionMetrics
@@ -30,6 +40,9 @@ __all__ = [
     "FleetClient",
     "FleetConnectionError",
     "Health",
+    "MessageAccepted",
+    "MessageReply",
+    "NoReply",
     "Readiness",
     "SSEDecoder",
     "ServerSentEvent",

@@ -14,6 +14,9 @@ from fleet.client.base import (
     START_RETRIES,
     ClientBase,
     Health,
+    MessageAccepted,
+    MessageReply,
+    NoReply,
     Readiness,
     Request,
     Requests,
@@ -145,6 +148,47 @@ class AsyncFleetClient(ClientBase):
         """Ask for the close. With ``wait``, the final ``SessionInfo`` once the session
         ended, or ``CloseAccepted`` if it still runs after ``wait`` seconds."""
         return await self._send(Requests.close_session(call_id, session_id, wait, self.timeout))
+
+    async def send(
+        self,
+        call_id: str,
+        session_id: str,
+        data: Any,
+        *,
+        type: str = "message",
+        id: str | None = None,
+        wait: float | None = None,
+    ) -> MessageReply | MessageAccepted:
+        """Send ``data`` (any JSON value) to the session's inbox, wherever it runs. With
+        ``wait``, wait up to that many seconds for the worker's reply: ``MessageReply``,
+        or ``MessageAccepted`` if the wait ran out. The message carries ``id`` (or a new
+        UUID), so it is sent again safely when no answer comes or a proxy or a draining
+        node refuses it (up to ``retries`` times): the inbox holds it once. Refusals
+        raise ``FleetAPIError``: 404, 409 ``session_ended`` / ``busy``, 413, 429
+        ``inbox_full``."""
+        req = Requests.send_message(
+            call_id, session_id, data, type, id, wait, self.timeout, self.retries
+        )
+        return await self._send(req)
+
+    async def ask(
+        self,
+        call_id: str,
+        session_id: str,
+        data: Any,
+        *,
+        timeout: float = 30.0,
+        type: str = "message",
+        id: str | None = None,
+    ) -> Any:
+        """Send ``data`` and return the worker's reply (any JSON value, ``None``
+        included). Raises ``NoReply`` (with the ``message_id``) if no reply came within
+        ``timeout`` seconds: the message stays in the inbox, and a late reply is a
+        ``reply`` event."""
+        answer = await self.send(call_id, session_id, data, type=type, id=id, wait=timeout)
+        if isinstance(answer, MessageReply):
+            return answer.reply
+        raise NoReply(answer.message_id, timeout)
 
     async def get_checkpoint(
         self, call_id: str, session_id: str, version: int | None = None

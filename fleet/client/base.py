@@ -65,6 +65,19 @@ class FleetConnectionError(FleetError):
     code = "unreachable"
 
 
+class NoReply(FleetError):
+    """``ask``: the wait ran out before the worker replied. The message is in the session's
+    inbox all the same (``message_id``); a late reply shows as a ``reply`` event. Raised,
+    not returned as ``None``, because ``None`` (JSON ``null``) is a reply like any other."""
+
+    code = "no_reply"
+
+    def __init__(self, message_id: str, waited: float) -> None:
+        super().__init__(f"no reply to message {message_id} within {waited:g}s")
+        self.message_id = message_id
+        self.waited = waited
+
+
 def api_error(resp: httpx.Response) -> FleetAPIError:
     """The error a response stands for. fleet answers ``{"detail", "code"}``; a proxy in
     front of it may answer HTML, which becomes ``http_<status>``."""
@@ -103,6 +116,19 @@ class Readiness(BaseModel):
     @property
     def ready(self) -> bool:
         return self.status == "ready"
+
+
+class MessageAccepted(BaseModel):
+    """A message in the session's inbox (202): without a wait, or the wait ran out."""
+
+    message_id: str
+
+
+class MessageReply(BaseModel):
+    """The worker's reply to a message sent with a wait (200)."""
+
+    message_id: str
+    reply: Any
 
 
 # ---- requests, described once ------------------------------------------------------------
@@ -144,6 +170,20 @@ def _close_answer(resp: httpx.Response) -> SessionInfo | CloseAccepted:
     if resp.status_code == 202:
         return CloseAccepted.model_validate_json(resp.content)
     return SessionInfo.model_validate_json(resp.content)
+
+
+def _message_answer(resp: httpx.Response) -> MessageReply | MessageAccepted:
+    if resp.status_code == 200:
+        return MessageReply.model_validate_json(resp.content)
+    return MessageAccepted.model_validate_json(resp.content)
+
+
+def _waiting(timeout: httpx.Timeout, wait: float | None) -> httpx.Timeout:
+    """The timeout of a request the server may hold for ``wait`` seconds."""
+    if wait is None:
+        return timeout
+    read = max(timeout.read or 0.0, wait + WAIT_MARGIN)
+    return httpx.Timeout(timeout.connect, read=read, write=timeout.write, pool=None)
 
 
 def _readiness(resp: httpx.Response) -> Readiness:
@@ -203,12 +243,37 @@ class Requests:
         call_id: str, session_id: str, wait: float | None, timeout: httpx.Timeout
     ) -> Request[SessionInfo | CloseAccepted]:
         params = _clean({"wait": wait})
-        if wait is not None:
-            read = max(timeout.read or 0.0, wait + WAIT_MARGIN)
-            timeout = httpx.Timeout(timeout.connect, read=read, write=timeout.write, pool=None)
+        timeout = _waiting(timeout, wait)
         path = session_path(call_id, session_id)
         return Request(
             "DELETE", path, _close_answer, params, timeout=timeout, answers=frozenset({200, 202})
+        )
+
+    @staticmethod
+    def send_message(
+        call_id: str,
+        session_id: str,
+        data: Any,
+        type: str,
+        id: str | None,
+        wait: float | None,
+        timeout: httpx.Timeout,
+        retries: int = START_RETRIES,
+    ) -> Request[MessageReply | MessageAccepted]:
+        """A message with an id (a new UUID unless one is given), which makes it safe to
+        send again: the session's inbox keeps one message per id. A repeat whose first
+        attempt went in answers 202 at once, even with a wait (the reply is then a
+        ``reply`` event)."""
+        body = {"type": type, "data": data, "id": id or str(uuid.uuid4())}
+        return Request(
+            "POST",
+            session_path(call_id, session_id, "/messages"),
+            _message_answer,
+            params=_clean({"wait": wait}),
+            body=body,
+            timeout=_waiting(timeout, wait),
+            answers=frozenset({200, 202}),
+            retries=retries,
         )
 
     @staticmethod

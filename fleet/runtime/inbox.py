@@ -17,11 +17,19 @@ import asyncio
 import contextlib
 import json
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from fleet.errors import InboxBusy, InboxFull, SessionEnded, SessionNotFound
+from fleet.metrics import (
+    MESSAGE_ASK_SECONDS,
+    MESSAGE_DELIVERY_SECONDS,
+    MESSAGE_REPLIES,
+    MESSAGES_SENT,
+    labelled,
+)
 from fleet.runtime.control import Message as ControlMessage
 from fleet.store.inbox import InboxEntry
 from fleet.store.keys import make_ref
@@ -30,6 +38,15 @@ from fleet.worker import Message
 
 #: Messages read from Redis at a time.
 READ_COUNT = 100
+#: The send script's statuses, as the ``outcome`` of ``fleet_messages_sent``.
+OUTCOMES = {
+    "ok": "accepted",
+    "dup": "duplicate",
+    "busy": "busy",
+    "full": "full",
+    "ended": "ended",
+    "missing": "not_found",
+}
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,7 @@ class Conversations:
         worker's reply. Raises SessionNotFound, SessionEnded, InboxBusy or InboxFull."""
         ref = make_ref(call_id, session_id)
         token, future = self.replies.expect() if wait else ("", None)
+        began = time.perf_counter()
         try:
             sent = await self.registry.send(
                 call_id,
@@ -95,6 +113,7 @@ class Conversations:
                 principal=principal,
                 reply_to=(self.node_id, token) if token else ("", ""),
             )
+            labelled(MESSAGES_SENT, OUTCOMES.get(sent.status, "accepted")).inc()
             if sent.status == "missing":
                 raise SessionNotFound(f"no session {session_id} in call {call_id}")
             if sent.status == "ended":
@@ -113,6 +132,7 @@ class Conversations:
                 return SendResult(sent.message_id)
             with contextlib.suppress(TimeoutError):
                 payload = await asyncio.wait_for(future, wait)
+                MESSAGE_ASK_SECONDS.observe(time.perf_counter() - began)
                 return SendResult(sent.message_id, True, json.loads(payload))
             return SendResult(sent.message_id)
         finally:
@@ -150,6 +170,8 @@ class SessionInbox:
             if self._buffer:
                 entry = self._buffer.popleft()
                 self.delivered, self.count = entry.id, self.count + 1
+                if entry.sent_at > 0:  # the sender's clock: another node's may run behind
+                    MESSAGE_DELIVERY_SECONDS.observe(max(0.0, time.time() - entry.sent_at))
                 return entry
             if closing.is_set():
                 return None
@@ -173,10 +195,16 @@ class SessionInbox:
 
 def to_message(entry: InboxEntry, reply: Any) -> Message:
     """The worker's view of an inbox entry; ``reply`` answers it."""
+    to = "sender" if entry.reply_to and entry.ask else "event"
+
+    async def replier(message: Message, data: Any) -> None:
+        await reply(message, data)
+        labelled(MESSAGE_REPLIES, to).inc()
+
     return Message(
         id=entry.id,
         type=entry.type,
         data=json.loads(entry.data),
         sent_at=entry.sent_at,
-        replier=reply,
+        replier=replier,
     )

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import httpx
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
@@ -15,6 +16,29 @@ from fleet.runtime.node import Node
 from tests.conftest import SettingsFactory, api_client, api_node
 
 ALICE, BOB = "a" * 32, "b" * 32
+
+
+class Figures:
+    """Changes of this process's metrics since the block began."""
+
+    def __init__(self) -> None:
+        self.before = self.now()
+
+    @staticmethod
+    def now() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for metric in REGISTRY.collect():
+            if metric.name.startswith(("fleet_messages_sent", "fleet_message_")):
+                for sample in metric.samples:
+                    key = sample.name + "".join(f"|{v}" for v in sample.labels.values())
+                    out[key] = sample.value
+        return out
+
+    def delta(self, key: str) -> float:
+        return self.now().get(key, 0.0) - self.before.get(key, 0.0)
+
+    def sent(self, outcome: str) -> float:
+        return self.delta(f"fleet_messages_sent_total|{outcome}")
 
 
 async def start(client: httpx.AsyncClient, call: str = "chat", **kw: Any) -> str:
@@ -85,10 +109,12 @@ async def test_a_full_inbox_answers_429(make_settings: SettingsFactory, redis: R
     settings = make_settings(worker="tests.workers:Quiet", inbox_maxlen=3)
     async with api_client(settings, redis) as client:
         sid = await start(client)
+        figures = Figures()
         for i in range(3):
             assert (await send(client, sid, i)).status_code == 202
         full = await send(client, sid, 3)
         assert full.status_code == 429 and full.json()["code"] == "inbox_full"
+        assert (figures.sent("accepted"), figures.sent("full")) == (3, 1)
 
 
 async def test_reject_policy_answers_busy_until_consumed(
@@ -96,9 +122,11 @@ async def test_reject_policy_answers_busy_until_consumed(
 ) -> None:
     async with api_client(make_settings(worker="tests.workers:Picky"), redis) as client:
         sid = await start(client)
+        figures = Figures()
         assert (await send(client, sid, "wait")).status_code == 202
         busy = await send(client, sid, "another")
         assert busy.status_code == 409 and busy.json()["code"] == "busy"
+        assert (figures.sent("accepted"), figures.sent("busy")) == (1, 1)
         # "go" is refused too while "wait" is unconsumed: the worker never consumes "wait"
         # alone, so this session stays busy, as the policy says.
         assert (await send(client, sid, "go")).status_code == 409
@@ -111,6 +139,32 @@ async def test_interrupt_policy_sets_ctx_interrupt(
         sid = await start(client)
         answer = await send(client, sid, "stop", wait=5)
         assert answer.status_code == 200 and answer.json()["reply"] == "listening"
+
+
+async def test_sends_replies_and_latencies_are_counted(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    settings = make_settings(worker="tests.workers:Echo", max_message_bytes=100)
+    async with api_client(settings, redis) as client:
+        sid = await start(client)
+        figures = Figures()
+        assert (await send(client, sid, "no wait", id="m-1")).status_code == 202
+        assert (await send(client, sid, "no wait", id="m-1")).status_code == 202
+        assert (await send(client, sid, "asked", wait=5)).status_code == 200
+        assert (await send(client, sid, "x" * 200)).status_code == 413
+        assert (await send(client, "nope", "hi")).status_code == 404
+        await client.delete(f"/calls/chat/sessions/{sid}", params={"wait": 5})
+        assert (await send(client, sid, "late")).status_code == 409
+        outcomes = ("accepted", "duplicate", "too_large", "not_found", "ended", "busy", "full")
+        assert [figures.sent(o) for o in outcomes] == [2, 1, 1, 1, 1, 0, 0]
+        # One reply went back to a waiting sender, one was an event only.
+        assert figures.delta("fleet_message_replies_total|sender") == 1
+        assert figures.delta("fleet_message_replies_total|event") == 1
+        # Both messages reached the worker; one ask was answered.
+        assert figures.delta("fleet_message_delivery_seconds_count") == 2
+        assert 0 <= figures.delta("fleet_message_delivery_seconds_sum") < 5
+        assert figures.delta("fleet_message_ask_seconds_count") == 1
+        assert 0 < figures.delta("fleet_message_ask_seconds_sum") < 5
 
 
 async def test_another_principals_session_is_404(

@@ -1,4 +1,4 @@
-"""``fleet sessions ls|show|close`` and ``fleet nodes`` against a real ``fleet serve``
+"""``fleet sessions ls|show|close|send`` and ``fleet nodes`` against a real ``fleet serve``
 process: tables, ``--json``, and exit codes. Failures are one line on stderr, exit 1."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -158,6 +159,81 @@ def test_close_that_outlasts_its_wait_exits_1(
     code, out, err = fleet(capsys, "sessions", "close", "c", "s", "--wait", "2")
     assert code == 1 and out == "c/s closing: its node has been told\n"
     assert err == "fleet: c/s is still closing after 2s\n"
+
+
+def test_send_prints_the_message_id(
+    node_url: str, call: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (sid,) = start(node_url, call, interval=5)  # the counter: takes messages, never replies
+    code, out, err = fleet(
+        capsys, "sessions", "send", call, sid, "--data", '{"a": 1}', "--url", node_url
+    )
+    assert code == 0 and err == "" and re.fullmatch(r"\d+-\d+\n", out), out
+
+    argv = ["sessions", "send", call, sid, "--data", "[1]", "--id", "m-1", "--url", node_url]
+    code, first, _ = fleet(capsys, *argv, "--json")
+    code2, again, _ = fleet(capsys, *argv, "--json")
+    assert code == code2 == 0 and json.loads(first) == json.loads(again)
+    assert set(json.loads(first)) == {"message_id"}
+
+    code, out, err = fleet(capsys, *argv[:6], "--wait", "0.2", "--url", node_url)
+    assert code == 1 and re.fullmatch(r"\d+-\d+\n", out)
+    assert err == f"fleet: no reply to {out.strip()} after 0.2s\n"
+
+    code, out, err = fleet(
+        capsys, "sessions", "send", call, "nope", "--data", "1", "--url", node_url
+    )
+    assert code == 1 and out == "" and err.endswith("[404 not_found]\n")
+
+
+def test_send_with_wait_prints_the_reply(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"message_id": "7-0", "reply": {"ok": [1, "é"]}})
+
+    monkeypatch.setattr(
+        cli_ops,
+        "make_client",
+        lambda args: FleetClient("http://fleet", transport=httpx.MockTransport(reply)),
+    )
+    argv = ["sessions", "send", "c", "s", "--data", '{"q": "?"}', "--type", "question"]
+    code, out, err = fleet(capsys, *argv, "--wait", "3")
+    assert (code, out, err) == (0, '{"ok": [1, "é"]}\n', "")
+    body = json.loads(seen[0].content)
+    assert body["data"] == {"q": "?"} and body["type"] == "question" and body["id"]
+    assert float(seen[0].url.params["wait"]) == 3
+    code, out, _ = fleet(capsys, *argv, "--wait", "3", "--json")
+    assert code == 0 and json.loads(out) == {"message_id": "7-0", "reply": {"ok": [1, "é"]}}
+
+
+def test_send_with_bad_data_is_a_usage_error_and_sends_nothing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(202, json={"message_id": "1-0"})
+
+    monkeypatch.setattr(
+        cli_ops,
+        "make_client",
+        lambda args: FleetClient("http://fleet", transport=httpx.MockTransport(record)),
+    )
+    for data in ("hi", "{'a': 1}", ""):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["sessions", "send", "c", "s", "--data", data])
+        assert exited.value.code == 2
+        assert "--data: not JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["sessions", "send", "c", "s"])  # --data is required
+    assert seen == []
+    assert fleet(capsys, "sessions", "send", "c", "s", "--data", '"hi"')[:2] == (0, "1-0\n")
+    assert len(seen) == 1
 
 
 # ---- failures -----------------------------------------------------------------------------

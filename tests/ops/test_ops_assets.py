@@ -49,6 +49,10 @@ CODES = frozenset(
 )
 CHECKPOINT_RESULTS = frozenset({"ok", "stale", "too_large", "error"})
 FAILOVER_RESULTS = frozenset({"resumed", "lost"})
+MESSAGE_OUTCOMES = frozenset(
+    {"accepted", "duplicate", "busy", "full", "ended", "not_found", "too_large"}
+)
+REPLY_DESTINATIONS = frozenset({"sender", "event"})
 STATUS_CLASSES = frozenset({"1xx", "2xx", "3xx", "4xx", "5xx"})
 
 # What the nodes expose (names as scraped), and so what dashboards and alerts may use.
@@ -64,6 +68,10 @@ METRICS: dict[str, Metric] = {
     "fleet_events_emitted_total": Metric("counter", {}),
     "fleet_event_listeners": Metric("gauge", {}),
     "fleet_failovers_total": Metric("counter", {"result": FAILOVER_RESULTS}),
+    "fleet_messages_sent_total": Metric("counter", {"outcome": MESSAGE_OUTCOMES}),
+    "fleet_message_replies_total": Metric("counter", {"to": REPLY_DESTINATIONS}),
+    "fleet_message_delivery_seconds": Metric("histogram", {}),
+    "fleet_message_ask_seconds": Metric("histogram", {}),
     "fleet_redis_up": Metric("gauge", {}),
     "fleet_redis_command_seconds": Metric("histogram", {"command": None}),
     "fleet_node_lease_renewal_failures_total": Metric("counter", {}),
@@ -316,6 +324,10 @@ def test_dashboard_variables_and_layout() -> None:
         "admission rejections",
         "failovers",
         "event listeners",
+        "messages sent by outcome",
+        "message delivery latency",
+        "ask latency",
+        "replies",
         "redis up",
         "redis command latency",
         "request rate",

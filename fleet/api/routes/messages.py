@@ -12,7 +12,8 @@ from fleet.api.auth import CanSend
 from fleet.api.deps import CallId, NodeDep, SessionId, scope_of
 from fleet.api.limits import depth
 from fleet.api.routes.sessions import ERRORS, WaitSeconds
-from fleet.errors import InvalidRequest, MessageTooLarge
+from fleet.errors import InvalidRequest, MessageTooLarge, SessionNotFound
+from fleet.metrics import MESSAGES_SENT, labelled
 from fleet.settings import ID_PATTERN
 
 router = APIRouter(tags=["messages"])
@@ -71,13 +72,18 @@ async def send_message(
     data_json = json.dumps(body.data, separators=(",", ":"), ensure_ascii=False)
     size = len(data_json.encode())
     if size > settings.max_message_bytes:
+        labelled(MESSAGES_SENT, "too_large").inc()
         raise MessageTooLarge(
             f"the message's data is {size} bytes of JSON; the limit is "
             f"{settings.max_message_bytes} (FLEET_MAX_MESSAGE_BYTES)"
         )
     if depth(body.data, settings.max_params_depth) > settings.max_params_depth:
         raise InvalidRequest(f"data nests deeper than {settings.max_params_depth} levels")
-    scope = await scope_of(node, call_id, session_id, allowed)
+    try:
+        scope = await scope_of(node, call_id, session_id, allowed)
+    except SessionNotFound:  # a permission hook's 404 (the send script counts its own)
+        labelled(MESSAGES_SENT, "not_found").inc()
+        raise
     sent = await node.conversations.send(
         call_id,
         session_id,
