@@ -38,8 +38,9 @@ from fleet.cli.processes import (
     stop_children,
 )
 from fleet.client import AsyncFleetClient
-from fleet.errors import FleetError
+from fleet.errors import FleetError, WorkerLoadError
 from fleet.models import State
+from fleet.worker import load_worker
 
 # Demo-friendly node settings (the environment wins): a dead node's sessions resume
 # within seconds, and Ctrl-C does not wait out a 30 s drain.
@@ -65,9 +66,23 @@ class Plan:
     port: int
     redis: str  # the redis-server binary
     front: tuple[str, str] | None  # (kind, binary), or None for --no-front
+    worker: str | None = None  # FLEET_WORKER for the nodes (None: the environment's)
 
     @classmethod
-    def make(cls, nodes: int, port: int, front: str | None, path: str | None = None) -> Plan:
+    def make(
+        cls,
+        nodes: int,
+        port: int,
+        front: str | None,
+        path: str | None = None,
+        *,
+        worker: str | None = None,
+    ) -> Plan:
+        if worker is not None:
+            try:  # here, once, rather than in every node after Redis has started
+                load_worker(worker)
+            except WorkerLoadError as exc:
+                raise DemoError(exc.detail) from None
         redis = find("redis-server", path)
         if redis is None:
             raise DemoError(
@@ -76,7 +91,7 @@ class Plan:
         chosen = find_front(front, path) if front is not None else None
         if chosen is not None and not port_is_free(port):
             raise DemoError(f"port {port} on 127.0.0.1 is in use; choose another with --port")
-        return cls(nodes, port, redis, chosen)
+        return cls(nodes, port, redis, chosen, worker)
 
 
 def _seconds_from_env(name: str) -> float:
@@ -118,6 +133,8 @@ class Demo:
             FLEET_WORKERS="1",
             PYTHONUNBUFFERED="1",
         )
+        if self.plan.worker is not None:
+            env["FLEET_WORKER"] = self.plan.worker
         argv = [sys.executable, "-m", "fleet", "serve", "--host", "127.0.0.1", "--port", str(port)]
         return Child(name, argv, self.workdir / f"{name}.log", env, f"http://127.0.0.1:{port}")
 
@@ -250,6 +267,8 @@ class Demo:
         width = max(len(r[1]) for r in rows)
         url = self.front.url if self.front else self.nodes[0].url
         lines = [f"fleet demo: {len(self.nodes)} nodes on one Redis"]
+        if self.plan.worker is not None:
+            lines[0] += f", running {self.plan.worker}"
         lines += [f"  {name:<7} {where:<{width}}  {what}".rstrip() for name, where, what in rows]
         lines += [
             "",
@@ -338,10 +357,13 @@ async def status_line(
     return f"nodes ready {sum(ready)}/{len(nodes)} | sessions running {sessions} | {per_node}"
 
 
-def run_demo(nodes: int = 3, port: int = 8000, front: str | None = "auto") -> int:
-    """``fleet demo``. ``front`` is ``auto``, ``nginx``, ``haproxy``, or None for none."""
+def run_demo(
+    nodes: int = 3, port: int = 8000, front: str | None = "auto", worker: str | None = None
+) -> int:
+    """``fleet demo``. ``front`` is ``auto``, ``nginx``, ``haproxy``, or None for none;
+    ``worker`` the nodes' ``FLEET_WORKER`` (None: as the environment says)."""
     try:
-        plan = Plan.make(nodes, port, front)
+        plan = Plan.make(nodes, port, front, worker=worker)
     except DemoError as exc:
         print(f"fleet demo: {exc.detail}", file=sys.stderr)
         return 1

@@ -70,7 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from fleet.cli.demo import run_demo
 
-    return run_demo(nodes=args.nodes, port=args.port, front=None if args.no_front else args.front)
+    front = None if args.no_front else args.front
+    return run_demo(nodes=args.nodes, port=args.port, front=front, worker=args.worker)
 
 
 def _node_count(text: str) -> int:
@@ -93,6 +94,9 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="the load balancer (default: nginx if installed, else haproxy)",
     )  # fmt: skip
     demo.add_argument("--no-front", action="store_true", help="no load balancer: nodes only")
+    demo.add_argument(
+        "--worker", help="the nodes' worker, module:attr (default: FLEET_WORKER, or the counter)"
+    )
     demo.set_defaults(func=cmd_demo)
 
 
