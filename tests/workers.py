@@ -100,14 +100,15 @@ class Echo:
 
 
 class Picky:
-    """Rejects messages while an earlier one is unconsumed; consumes one per ``go`` message."""
+    """Rejects messages while an earlier one is unconsumed: takes 0.3 s over each, then
+    consumes it (a checkpoint)."""
 
     inbox = "reject"
 
     async def run(self, ctx: SessionContext) -> None:
         async for message in ctx.messages:
-            if message.data == "go":
-                await ctx.checkpoint({"last": message.id})
+            await asyncio.sleep(0.3)
+            await ctx.checkpoint({"last": message.data})
 
 
 class Listener:
