@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from fleet.cli import main as cli
 from fleet.cli import ops as cli_ops
 from fleet.client import FleetClient
+from tests.multinode.harness import LoneNode
 from tests.redis_server import free_port
 
 
@@ -27,33 +27,10 @@ from tests.redis_server import free_port
 def node_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One node on its embedded Redis, shared by the module's tests (each uses calls of
     its own)."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(FLEET_NODE_ID="cli-node", FLEET_DRAIN_TIMEOUT="0.5", FLEET_CLOSE_GRACE="1")
     log = tmp_path_factory.mktemp("cli") / "node.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fleet", "serve", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(15)
+    settings = {"FLEET_NODE_ID": "cli-node", "FLEET_DRAIN_TIMEOUT": "0.5", "FLEET_CLOSE_GRACE": "1"}
+    with LoneNode(log, **settings) as node:
+        yield node.url
 
 
 @pytest.fixture(autouse=True)

@@ -199,3 +199,48 @@ class LocalFleet:
 
     def node_named(self, name: str) -> NodeProcess:
         return next(n for n in self.nodes if n.name == name)
+
+
+class LoneNode:
+    """One ``fleet serve`` on its embedded Redis (no ``FLEET_REDIS_URL``), as a new user
+    runs it: ``with LoneNode(log_path, FLEET_DRAIN_TIMEOUT="1") as node: node.url``."""
+
+    def __init__(self, log: Path, **settings: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        self.env.update(PYTHONUNBUFFERED="1", **settings)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> LoneNode:
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fleet", "serve", "--port", str(self.port)],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise AssertionError(f"the node did not become ready:\n{self.log()}")
+            time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -3,18 +3,14 @@ not wait out the drain."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.multinode.harness import LocalFleet
-from tests.redis_server import free_port
+from tests.multinode.harness import LocalFleet, LoneNode
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,36 +59,14 @@ def test_a_second_signal_exits_at_once_and_the_session_resumes_elsewhere() -> No
 
 
 def test_ctrl_c_on_a_lone_embedded_node_does_not_wait_out_the_drain() -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(FLEET_DRAIN_TIMEOUT="30", FLEET_CLOSE_GRACE="1", PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "node.log"
-        with log_path.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fleet", "serve", "--port", str(port)],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.05)
-            assert httpx.post(f"{url}/calls/c/sessions", timeout=5).status_code == 201
-            proc.send_signal(signal.SIGINT)
-            took = _exits_within(proc.wait, 15)
-            assert took < 1 + 3, (took, log_path.read_text())
-            assert proc.returncode == 0
-            assert "no other node to hand 1 sessions to" in log_path.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        log = Path(tmp) / "node.log"
+        settings = {"FLEET_DRAIN_TIMEOUT": "30", "FLEET_CLOSE_GRACE": "1"}
+        with LoneNode(log, **settings) as node:
+            assert httpx.post(f"{node.url}/calls/c/sessions", timeout=5).status_code == 201
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGINT)
+            took = _exits_within(node.proc.wait, 15)
+            assert took < 1 + 3, (took, node.log())
+            assert node.proc.returncode == 0
+            assert "no other node to hand 1 sessions to" in node.log()
