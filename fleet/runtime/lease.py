@@ -88,7 +88,9 @@ class Lease:
             # Retries inside the call (``command_retry``) must not outlast a renewal
             # interval: a lease that lapses while a call retries has to be noticed.
             async with asyncio.timeout(self.settings.heartbeat_interval):
-                status = await self.registry.heartbeat(self.node_id, self._info())
+                status = await self.registry.heartbeat(
+                    self.node_id, self._info(), held_before=self._last_renewal is not None
+                )
         except (*REDIS_ERRORS, TimeoutError) as exc:
             self._failed(exc, time.monotonic())  # as of now: a failed call may take a while
             return

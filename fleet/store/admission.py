@@ -26,7 +26,7 @@ class Admission(StoreBase):
         k, s = self.keys, self._settings
         code, _ = await self.scripts(
             "admit",
-            [k.nodes(), k.node_sessions(node_id), k.call_counts(), k.live()],
+            [k.nodes(), k.node_sessions(node_id), k.call_counts(), k.live(), k.settling()],
             [
                 node_id,
                 make_ref(call_id, session_id),
@@ -41,6 +41,12 @@ class Admission(StoreBase):
             return
         if result is AdmitResult.NOT_READY:
             raise NotAccepting("not_ready", "this node's lease is not held; retry another node")
+        if result is AdmitResult.SETTLING:
+            raise NotAccepting(
+                "not_ready",
+                "Redis lost its data moments ago: new sessions wait until every node has "
+                "written back its own (at most FLEET_NODE_TTL); retry shortly",
+            )
         raise AdmissionRejected(result.value, _ADMIT_DETAIL[result])
 
     def _release_call(self, node_id: str, call_id: str, session_id: str) -> Call:

@@ -55,6 +55,16 @@ class Keys:
         """SET of refs a node holds an admission slot for: the per-node index."""
         return f"{self._global}:node-sessions:{node_id}"
 
+    def settling(self) -> str:
+        """STRING: until when (ms, Redis clock) admission waits after Redis lost its data,
+        so that every live node has written back its sessions before new ones count."""
+        return f"{self._global}:settling"
+
+    def born(self) -> str:
+        """STRING: when the fleet's data in this Redis began. A node that held a lease and
+        finds it gone knows Redis lost its data (a restart without persistence)."""
+        return f"{self._global}:born"
+
     def call_counts(self) -> str:
         """HASH call_id -> live sessions, for the per-call limit."""
         return f"{self._global}:call-counts"

@@ -12,13 +12,22 @@ from fleet.store.scripts import HandoffResult, HeartbeatStatus, ReapResult
 
 
 class Nodes(StoreBase):
-    async def heartbeat(self, node_id: str, info: dict[str, str]) -> HeartbeatStatus:
+    async def heartbeat(
+        self, node_id: str, info: dict[str, str], *, held_before: bool = False
+    ) -> HeartbeatStatus:
+        """Renew the lease. ``held_before``: this node held one already, so a Redis that
+        forgot the fleet lost its data: admission then waits one lease (``admit.lua``)."""
         k = self.keys
         fields = [x for pair in info.items() for x in pair]
         status, _ = await self.scripts(
             "heartbeat",
-            [k.nodes(), k.node_info(node_id)],
-            [node_id, int(self._settings.node_ttl * 1000), *fields],
+            [k.nodes(), k.node_info(node_id), k.settling(), k.born()],
+            [
+                node_id,
+                int(self._settings.node_ttl * 1000),
+                "1" if held_before else "0",
+                *fields,
+            ],
         )
         return HeartbeatStatus(status)
 

@@ -24,6 +24,7 @@ class AdmitResult(enum.StrEnum):
 
     OK = "ok"
     NOT_READY = "not_ready"
+    SETTLING = "settling"  # Redis lost its data: nodes are still writing back their sessions
     MAX_SESSIONS_PER_CALL = "max_sessions_per_call"
     MAX_SESSIONS = "max_sessions"
     NODE_CAPACITY = "node_capacity"

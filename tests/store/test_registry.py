@@ -366,3 +366,23 @@ async def test_a_retried_write_is_not_applied_twice(
     assert await reg.checkpoint(rec, '{"n":2}', 5) == 2
     kept = [json.loads(e)["version"] for e in await reg.checkpoints("c", "s1")]
     assert kept == [2, 1]
+
+
+async def test_admission_waits_one_lease_after_redis_lost_its_data(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    """The counts of a Redis that lost its data are short of the sessions nodes are still
+    writing back: a start admitted then could exceed a limit once they have."""
+    reg = Registry(redis, make_settings(node_ttl=1.0))
+    assert await reg.heartbeat("n1", {}) is HeartbeatStatus.NEW  # a first start: no wait
+    await reg.admit("n1", "c", "s1")
+    await reg.heartbeat("n2", {}, held_before=True)  # a node that rejoins: no data lost
+    await reg.admit("n2", "c", "s2")
+    await redis.flushdb()
+    assert await reg.heartbeat("n1", {}, held_before=True) is HeartbeatStatus.NEW
+    with pytest.raises(NotAccepting) as refused:
+        await reg.admit("n1", "c", "s3")
+    assert refused.value.code == "not_ready" and "lost its data" in refused.value.detail
+    await asyncio.sleep(1.05)
+    await reg.heartbeat("n1", {}, held_before=True)
+    await reg.admit("n1", "c", "s3")  # one lease later: every node has written back

@@ -3,6 +3,7 @@
 -- KEYS[2] node_sessions   SET of refs held by the admitting node
 -- KEYS[3] call_counts     HASH call_id -> live sessions
 -- KEYS[4] live            ZSET ref -> start time (ms)
+-- KEYS[5] settling        STRING: until when (ms) admission waits after a data loss
 -- ARGV[1] node_id   ARGV[2] ref   ARGV[3] call_id
 -- ARGV[4] max_sessions_per_call   ARGV[5] max_sessions   ARGV[6] max_sessions_per_node
 --         (each -1 for unlimited)
@@ -17,6 +18,11 @@ end
 -- Already reserved: this is a retry of a call whose answer was lost. Count it once.
 if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then
   return {'ok', now}
+end
+-- Redis lost its data moments ago: the counts below are short of the sessions that nodes
+-- are still writing back. Admitting now could exceed a limit once they have.
+if (tonumber(redis.call('GET', KEYS[5])) or 0) > now then
+  return {'settling', now}
 end
 
 local per_call = tonumber(ARGV[4])

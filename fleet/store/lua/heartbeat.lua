@@ -1,7 +1,13 @@
 -- heartbeat: renew a node's lease. One call per renewal, whatever the session count.
 -- KEYS[1] nodes       ZSET node_id -> lease expiry (ms)
 -- KEYS[2] node_info   HASH
--- ARGV[1] node_id   ARGV[2] lease TTL (ms)   ARGV[3..] node_info field, value pairs
+-- KEYS[3] settling    STRING: until when (ms) admission waits after a data loss
+-- KEYS[4] born        STRING: when this Redis' fleet data began (gone: the data was lost)
+-- ARGV[1] node_id   ARGV[2] lease TTL (ms)
+-- ARGV[3] '1' when this node held a lease before: if `born` is gone too, Redis lost its
+--         data, and admission waits one lease (every live node renews, and writes back its
+--         sessions, within that)
+-- ARGV[4..] node_info field, value pairs
 -- Returns {status, now_ms}: 'ok' (the lease was held), 'expired' (it had lapsed: others may
 -- have taken this node's sessions) or 'new' (unknown: first start, reaped, or Redis lost
 -- its data).
@@ -17,8 +23,11 @@ elseif prev < now then
   status = 'expired'
 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-if #ARGV > 2 then
-  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+if redis.call('SET', KEYS[4], now, 'NX') and ARGV[3] == '1' then
+  redis.call('SET', KEYS[3], now + ttl, 'PX', ttl)
+end
+if #ARGV > 3 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 4))
 end
 redis.call('HSET', KEYS[2], 'last_heartbeat_ms', now)
 redis.call('PEXPIRE', KEYS[2], ttl * 3)
