@@ -99,6 +99,14 @@ class Echo:
             await message.reply({"echo": message.data, "count": len(heard)})
 
 
+class LateEcho(Echo):
+    """Echo, after half a second: messages queue up before it first reads its inbox."""
+
+    async def run(self, ctx: SessionContext) -> None:
+        await asyncio.sleep(0.5)
+        await super().run(ctx)
+
+
 class Picky:
     """Rejects messages while an earlier one is unconsumed: takes 0.3 s over each, then
     consumes it (a checkpoint)."""

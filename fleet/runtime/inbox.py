@@ -185,6 +185,8 @@ class SessionInbox:
                     self._wake.set()  # read again on the next try
                     raise
                 self._buffer.extend(rows)
+                if len(rows) == READ_COUNT:
+                    self._wake.set()  # more may wait: their nudges came before this read
                 continue
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:

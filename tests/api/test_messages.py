@@ -226,3 +226,20 @@ async def _events(node: Node, call: str, sid: str, want: int) -> list[Any]:
             if len(out) == want:
                 break
     return out
+
+
+async def test_a_long_queue_is_read_to_the_end(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    """More messages than one inbox read takes (100) queue up before the worker reads:
+    every one is delivered, without another message to nudge the owner."""
+    async with api_client(make_settings(worker="tests.workers:LateEcho"), redis) as client:
+        sid = await start(client)
+        for i in range(250):
+            assert (await send(client, sid, i)).status_code == 202
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            checkpoint = await client.get(f"/calls/chat/sessions/{sid}/checkpoint")
+            if checkpoint.status_code == 200 and len(checkpoint.json()["state"]["heard"]) == 250:
+                break
+        assert checkpoint.json()["state"]["heard"] == list(range(250))
