@@ -171,9 +171,10 @@ async def test_cluster_listener_survives_a_lost_subscription() -> None:
 
 
 def test_conversation_across_slots_and_a_kill(topology: Topology) -> None:
-    """Sessions on A in calls on different slots (on Cluster, different shards) are sent
-    to through B with ``?wait``; A is killed; the conversation goes on from the checkpoint:
-    each Echo's ``heard`` holds every message exactly once, in order."""
+    """Sessions on A in calls on different slots (``conv-0`` to ``conv-3`` hash to slots
+    5402, 1339, 9593 and 13656: all three masters of the Cluster) are sent to through B
+    with ``?wait``; A is killed; the conversation goes on from the checkpoint: each Echo's
+    ``heard`` holds every message exactly once, in order."""
     with LocalFleet(
         3, redis=topology, FLEET_WORKER="tests.workers:Echo", FLEET_NODE_TTL="2"
     ) as fleet:
