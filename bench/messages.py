@@ -65,8 +65,26 @@ STALL_NOTE = (
     "entries; when more than 100 arrived before that read, their nudges are spent and the "
     "rest waits until another message nudges the owner (or never, if none comes). So the "
     "throughput and drain figures count only what was delivered. Fix: set the wake flag "
-    "again when a read returns `READ_COUNT` rows; with that one change (tried off the "
-    "branch) all 3,000 of a 3,000-message burst arrived."
+    "again when a read returns `READ_COUNT` rows. With that one change (tried off the "
+    "branch, not committed: `python -m bench messages --runs 2`, 2026-12-02) every "
+    "message of every burst arrived (20,000 of 20,000), the owner drained a queued "
+    "backlog at 71,540/s (59,960–83,120) and one session took 2,197/s (1,774–2,620) end "
+    "to end, the same as the sends answered."
+)
+PROFILE_NOTE = (
+    "Where a send's time goes (py-spy at 500 Hz on node B during 10 s of back-to-back "
+    "sends through B to a session on A, one client connection: 8,444 sends, POST p50 "
+    "0.93 ms; B used about 0.45 ms of CPU per send): of B's samples, about 60% are in the "
+    "ASGI request (Starlette and fleet middleware and routing), within it FastAPI's "
+    "dependency solving about 15%, the endpoint 17% (the `send.lua` call 12%, most of it "
+    "the socket write) and the response 7%; the rest is uvicorn's HTTP parsing and the "
+    "event loop. So one session's throughput over HTTP is the front nodes' request "
+    "cost: at about 0.45 ms of CPU per send a node takes roughly 2,000 sends/s per core, "
+    "while the owner drains more than 50,000/s. What would close the 5,000/s target: the "
+    "inbox fix above, and sends spread over enough front nodes (3+ cores here, where the "
+    "client, Redis and both nodes share 2), or a cheaper way in per message (the "
+    "WebSocket's message frames skip the per-request routing and dependencies; a batch "
+    "send would share them; neither is measured here)."
 )
 
 
@@ -425,13 +443,17 @@ def report(opts: common.Options, sizes: Sizes, runs: list[Run], load_before: str
         "*deliver* runs from the client's `time.time()` just before the request is written "
         "to the worker's `time.time()` when `ctx.receive()` hands it the message: B's "
         "HTTP handling, `send.lua` (inbox, `message` event, PUBLISH of the nudge), A's "
-        "control-channel read, A's XREAD of the inbox and the worker's wake-up.",
+        "control-channel read, A's XRANGE of the inbox and the worker's wake-up. The "
+        "sends are 2 ms apart, so every process wakes from idle for each one: back to back "
+        "the same POST's p50 was 0.93 ms (see the profile note).",
         "The throughput client is Python (asyncio, one connection per sender and node) on "
         "the same two cores as Redis and both nodes: the *sends answered* figure is bounded "
         "by the client and B's and A's HTTP handling, not by the session; the drain "
-        "ceiling is the owner's own side (XREAD 100 at a time, a checkpoint every 100).",
+        "ceiling is the owner's own side (XRANGE 100 at a time, a checkpoint every 100).",
         common.load_note(load_before),
     ]
+    if rate.median < TARGET_RATE:
+        notes.insert(0, PROFILE_NOTE)
     stranded = missing + sum(r.queued - r.drained for r in runs)
     if stranded:
         notes.insert(0, STALL_NOTE.format(stranded=stranded))
