@@ -28,7 +28,7 @@ from bench import common
 
 # The order of a full run; benchmarks found that are not listed here run after these.
 ORDER = ("close_latency", "admission_race", "heartbeat_cost", "events_latency")
-NOT_BENCHMARKS = {"common", "__main__"}
+NOT_BENCHMARKS = {"common", "__main__", "workers"}
 # Run only when named: the soak injects faults for ten minutes (``--seconds``, ``--seed``).
 ON_REQUEST = ("soak",)
 
