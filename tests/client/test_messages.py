@@ -29,7 +29,7 @@ from fleet.errors import FleetError
 from fleet.runtime.node import Node
 from fleet.settings import Settings
 from tests.client.test_client import Api
-from tests.client.test_retries import pauses  # noqa: F401  (a fixture)
+from tests.client.test_retries import LoseFirstAnswer, pauses  # noqa: F401  (a fixture)
 from tests.conftest import SettingsFactory, uvicorn_node, wait_ready
 
 
@@ -127,23 +127,6 @@ def is_send(request: httpx.Request) -> bool:
     return request.method == "POST" and request.url.path.endswith("/messages")
 
 
-class LoseFirstAnswer(httpx.AsyncBaseTransport):
-    """The first send reaches the node and goes in; its answer never comes back."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
-        self.sends: list[httpx.Request] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self.inner.handle_async_request(request)
-        if is_send(request):
-            self.sends.append(request)
-            if len(self.sends) == 1:
-                await response.aread()
-                raise httpx.ReadError("connection reset by peer")
-        return response
-
-
 async def test_a_send_whose_answer_was_lost_is_in_the_inbox_once(
     make_settings: SettingsFactory, redis: Redis
 ) -> None:
@@ -152,7 +135,7 @@ async def test_a_send_whose_answer_was_lost_is_in_the_inbox_once(
     app = create_app(settings, node)
     async with app.router.lifespan_context(app):
         await wait_ready(node)
-        transport = LoseFirstAnswer(httpx.ASGITransport(app=app))
+        transport = LoseFirstAnswer(httpx.ASGITransport(app=app), is_send)
         async with AsyncFleetClient("http://fleet", transport=transport) as client:
             sid = (await client.start_session("chat")).session_id
             sent = await client.send("chat", sid, "once")
@@ -160,7 +143,7 @@ async def test_a_send_whose_answer_was_lost_is_in_the_inbox_once(
             await client.ask("chat", sid, "after", timeout=5)
             checkpoint = await client.get_checkpoint("chat", sid)
     assert checkpoint.state["heard"] == ["once", "after"]
-    first, retry, ask = body_ids(transport.sends)  # the lost send, its retry, the ask
+    first, retry, ask = body_ids(transport.hits)  # the lost send, its retry, the ask
     assert first == retry != ask
 
 

@@ -44,17 +44,23 @@ def is_start(request: httpx.Request) -> bool:
 
 
 class LoseFirstAnswer(httpx.AsyncBaseTransport):
-    """The first start reaches the node and runs there; its answer never comes back."""
+    """The first request that ``matches`` (a start, by default) reaches the node and is
+    carried out there; its answer never comes back. ``hits``: every matching request."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport,
+        matches: Callable[[httpx.Request], bool] = is_start,
+    ) -> None:
         self.inner = inner
-        self.starts: list[httpx.Request] = []
+        self.matches = matches
+        self.hits: list[httpx.Request] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self.inner.handle_async_request(request)
-        if is_start(request):
-            self.starts.append(request)
-            if len(self.starts) == 1:
+        if self.matches(request):
+            self.hits.append(request)
+            if len(self.hits) == 1:
                 await response.aread()
                 raise httpx.ReadError("connection reset by peer")
         return response
@@ -93,7 +99,7 @@ async def test_async_start_whose_answer_was_lost_starts_one_session(
             info = await client.start_session("room", {"interval": 5})
             listed = await client.list_call_sessions("room")
     assert [s.session_id for s in listed] == [info.session_id]
-    keys = [r.headers["idempotency-key"] for r in transport.starts]
+    keys = [r.headers["idempotency-key"] for r in transport.hits]
     assert len(keys) == 2 and keys[0] == keys[1]
 
 
