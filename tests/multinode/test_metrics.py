@@ -49,8 +49,10 @@ def test_gunicorn_pod_scrape_gives_the_whole_pods_figures() -> None:
         deadline = time.monotonic() + 20
         while True:
             try:
+                # Both workers ready: a worker is listed once it holds its lease, and ready
+                # once its control channel is subscribed too; the pod's gauge is their min.
                 nodes = client.get(f"{url}/nodes").json()["nodes"]
-                if len(nodes) == 2 and client.get(f"{url}/ready").status_code == 200:
+                if len(nodes) == 2 and value(_scrape(client, url), "fleet_node_ready") == 1:
                     break
             except (httpx.HTTPError, KeyError, ValueError):
                 pass
