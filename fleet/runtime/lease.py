@@ -100,18 +100,19 @@ class Lease:
         recovering = not self.redis_ok or not self.held
         self._problem = ""
         self.failures = 0
-        self.redis_ok = True
         self._last_renewal = now
         if status is not HeartbeatStatus.OK or lapsed or recovering:
             if self._session_count() or status is not HeartbeatStatus.OK:
                 log.info("lease %s: re-checking local sessions", status.value, extra=self._extra)
-            # Ready again only once what Redis may have lost is written back.
+            # Ready again only once what Redis may have lost is written back: until then
+            # the node still says redis_unavailable.
             try:
                 await self._recover()
             except REDIS_ERRORS:
                 self.redis_ok = False
                 self._changed()
                 return
+        self.redis_ok = True
         self.held = True
         self._changed()
 

@@ -45,7 +45,7 @@ class Admission(StoreBase):
             raise NotAccepting(
                 "not_ready",
                 "Redis lost its data moments ago: new sessions wait until every node has "
-                "written back its own (at most FLEET_NODE_TTL); retry shortly",
+                "written back its own (a second at most); retry shortly",
             )
         raise AdmissionRejected(result.value, _ADMIT_DETAIL[result])
 

@@ -5,8 +5,9 @@
 -- KEYS[4] born        STRING: when this Redis' fleet data began (gone: the data was lost)
 -- ARGV[1] node_id   ARGV[2] lease TTL (ms)
 -- ARGV[3] '1' when this node held a lease before: if `born` is gone too, Redis lost its
---         data, and admission waits one lease (every live node renews, and writes back its
---         sessions, within that)
+--         data, and admission waits a moment (SETTLE_MS: every live node's control channel
+--         dropped with Redis, so each renews, and writes back its sessions, as soon as Redis
+--         answers; renewals are retried every 250 ms meanwhile)
 -- ARGV[4..] node_info field, value pairs
 -- Returns {status, now_ms}: 'ok' (the lease was held), 'expired' (it had lapsed: others may
 -- have taken this node's sessions) or 'new' (unknown: first start, reaped, or Redis lost
@@ -24,7 +25,8 @@ elseif prev < now then
 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('SET', KEYS[4], now, 'NX') and ARGV[3] == '1' then
-  redis.call('SET', KEYS[3], now + ttl, 'PX', ttl)
+  local settle = math.min(ttl, 1000)
+  redis.call('SET', KEYS[3], now + settle, 'PX', settle)
 end
 if #ARGV > 3 then
   redis.call('HSET', KEYS[2], unpack(ARGV, 4))
