@@ -172,8 +172,10 @@ async def test_bad_frames_get_error_frames_and_the_socket_stays_open(
             async with asyncio.timeout(10):
                 async for text in ws:
                     frames.append(json.loads(text))
-        errors = [f for f in frames if f.get("type") == "error"]
-        assert errors in ([], [{**errors[0], "code": "session_ended", "id": "late"}]), frames
+        # The socket of an ended session may close before it answers the frame; if it
+        # answers, it is session_ended.
+        errors = [(f["code"], f["id"]) for f in frames if f.get("type") == "error"]
+        assert errors in ([], [("session_ended", "late")]), frames
 
 
 def bearer(token: str) -> dict[str, str]:
