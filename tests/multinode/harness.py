@@ -38,6 +38,12 @@ class NodeProcess:
         )
         log.close()
 
+    def move_to(self, port: int) -> None:
+        """Start again on another port (the one chosen was taken meanwhile)."""
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.start()
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -141,8 +147,15 @@ class LocalFleet:
         """Seconds until every node answers ready."""
         began = time.monotonic()
         for node in nodes or self.nodes:
+            moves = 0
             while not self.ready(node):
                 if not node.alive():
+                    # free_port() only found a port free a moment ago: another process (an
+                    # outgoing connection's ephemeral port) may have taken it since.
+                    if "is in use" in node.log()[-500:] and moves < 3:
+                        moves += 1
+                        node.move_to(free_port())
+                        continue
                     raise AssertionError(f"{node.name} exited:\n{node.log()[-3000:]}")
                 if time.monotonic() - began > timeout:
                     raise AssertionError(f"{node.name} not ready:\n{node.log()[-3000:]}")
@@ -213,21 +226,31 @@ class LoneNode:
         self.env.update(PYTHONUNBUFFERED="1", **settings)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> LoneNode:
+    def _spawn(self) -> subprocess.Popen[bytes]:
         with self.log_path.open("wb") as out:
-            self.proc = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, "-m", "fleet", "serve", "--port", str(self.port)],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+
+    def __enter__(self) -> LoneNode:
+        self.proc = self._spawn()
         deadline = time.monotonic() + 20
+        moves = 0
         while True:
             try:
                 if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
+            if self.proc.poll() is not None and "is in use" in self.log() and moves < 3:
+                moves += 1  # the port was taken since free_port() found it free
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+                self.proc = self._spawn()
+                continue
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.__exit__()
                 raise AssertionError(f"the node did not become ready:\n{self.log()}")
