@@ -16,6 +16,7 @@ import httpx
 import pytest
 import uvicorn
 from fakeredis import FakeAsyncRedis, FakeServer
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from fleet.api import create_app
@@ -134,10 +135,11 @@ async def client(make_settings: SettingsFactory, redis: Redis) -> AsyncIterator[
 
 
 @asynccontextmanager
-async def uvicorn_node(node: Node) -> AsyncIterator[str]:
-    """The node's app on a loopback port, served from this event loop."""
+async def uvicorn_node(node: Node, app: FastAPI | None = None) -> AsyncIterator[str]:
+    """The node's app (or ``app``, built on it) on a loopback port, served from this event
+    loop."""
     config = uvicorn.Config(
-        create_app(node.settings, node),
+        app if app is not None else create_app(node.settings, node),
         host="127.0.0.1",
         port=free_port(),
         log_config=None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -30,6 +31,7 @@ from fleet.client.base import DEFAULT_TIMEOUT, Requests
 from fleet.errors import FleetError
 from fleet.models import Checkpoint, CloseAccepted, NodeInfo, SessionInfo, SessionPage, State
 from fleet.runtime.node import Node
+from fleet.settings import Settings
 from tests.conftest import SettingsFactory, uvicorn_node, wait_ready
 from tests.redis_server import free_port
 
@@ -70,13 +72,12 @@ class Api:
         raise AssertionError(f"session {sid} is {info.state}, not {state}")
 
 
-@pytest.fixture(params=["sync", "async"])
-async def api(
-    request: pytest.FixtureRequest, make_settings: SettingsFactory, redis: Redis
-) -> AsyncIterator[Api]:
-    settings = make_settings()
+@asynccontextmanager
+async def serve(kind: str, settings: Settings, redis: Redis) -> AsyncIterator[Api]:
+    """A node and a client of it: the blocking one over a port, or the async one
+    in-process."""
     node = Node(settings, redis=redis)
-    if request.param == "sync":
+    if kind == "sync":
         async with uvicorn_node(node) as url:
             with FleetClient(url) as sync:
                 yield Api(sync)
@@ -87,6 +88,14 @@ async def api(
         transport = httpx.ASGITransport(app=app)
         async with AsyncFleetClient("http://fleet", transport=transport) as client:
             yield Api(client)
+
+
+@pytest.fixture(params=["sync", "async"])
+async def api(
+    request: pytest.FixtureRequest, make_settings: SettingsFactory, redis: Redis
+) -> AsyncIterator[Api]:
+    async with serve(request.param, make_settings(), redis) as client:
+        yield client
 
 
 # ---- the API, through both clients ---------------------------------------------------------

@@ -8,7 +8,6 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -27,28 +26,9 @@ from fleet.client import (
 )
 from fleet.errors import FleetError
 from fleet.runtime.node import Node
-from fleet.settings import Settings
-from tests.client.test_client import Api
+from tests.client.test_client import Api, serve
 from tests.client.test_retries import LoseFirstAnswer, pauses  # noqa: F401  (a fixture)
-from tests.conftest import SettingsFactory, uvicorn_node, wait_ready
-
-
-@asynccontextmanager
-async def serve(kind: str, settings: Settings, redis: Redis) -> AsyncIterator[Api]:
-    """A node and a client of it: the blocking one over a port, or the async one
-    in-process."""
-    node = Node(settings, redis=redis)
-    if kind == "sync":
-        async with uvicorn_node(node) as url:
-            with FleetClient(url) as sync:
-                yield Api(sync)
-        return
-    app = create_app(settings, node)
-    async with app.router.lifespan_context(app):
-        await wait_ready(node)
-        transport = httpx.ASGITransport(app=app)
-        async with AsyncFleetClient("http://fleet", transport=transport) as client:
-            yield Api(client)
+from tests.conftest import SettingsFactory, wait_ready
 
 
 @pytest.fixture(params=["sync", "async"])

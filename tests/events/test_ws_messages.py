@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 from redis.asyncio import Redis
@@ -25,8 +24,7 @@ from fleet.api import create_app
 from fleet.api.auth import OwnedBy, Principal, send_permission
 from fleet.runtime.node import Node
 from fleet.settings import Settings
-from tests.conftest import SettingsFactory, wait_ready
-from tests.redis_server import free_port
+from tests.conftest import SettingsFactory, uvicorn_node
 
 ALICE, BOB, ADMIN = "a" * 32, "b" * 32, "c" * 32
 
@@ -43,21 +41,8 @@ async def served(settings: Settings, redis: Redis) -> AsyncIterator[Served]:
     """A node behind a real uvicorn (as ``uvicorn_node``), with its app at hand."""
     node = Node(settings, redis=redis)
     app = create_app(settings, node)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=free_port(), log_config=None, timeout_graceful_shutdown=2
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                assert not task.done(), "uvicorn did not start"
-                await asyncio.sleep(0.01)
-        await wait_ready(node)
-        yield Served(f"http://127.0.0.1:{config.port}", node, app)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
+    async with uvicorn_node(node, app) as url:
+        yield Served(url, node, app)
 
 
 def ws_url(url: str, sid: str, call: str = "chat") -> str:
