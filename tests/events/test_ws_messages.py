@@ -65,6 +65,22 @@ async def until(ws: ClientConnection, match: Any, timeout: float = 10) -> list[d
     return seen
 
 
+async def until_all(
+    ws: ClientConnection, *matches: Any, timeout: float = 10
+) -> list[dict[str, Any]]:
+    """Everything received until each of ``matches`` has accepted a frame: the socket's
+    ack and the events it causes race, so a test must not expect them in one order."""
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while not all(any(match(frame) for frame in seen) for match in matches):
+            seen.append(json.loads(await ws.recv()))
+    return seen
+
+
+def first(frames: list[dict[str, Any]], match: Any) -> dict[str, Any]:
+    return next(frame for frame in frames if match(frame))
+
+
 def is_type(kind: str) -> Any:
     return lambda frame: frame.get("type") == kind
 
@@ -81,27 +97,27 @@ async def test_a_socket_is_a_whole_chat_and_resumes_with_after(
         sid = await start(url)
         async with connect(ws_url(url, sid)) as ws:
             await ws.send(json.dumps({"type": "message", "data": "hi", "id": "c-1"}))
-            ack = (await until(ws, is_type("ack")))[-1]
+            seen = await until_all(ws, is_type("ack"), is_event("reply"))
+            ack = first(seen, is_type("ack"))
             assert ack["id"] == "c-1" and ack["message_id"]
-            seen = await until(ws, is_event("reply"))
-            message = next(f for f in seen if f.get("event") == "message")
+            message = first(seen, is_event("message"))
             assert message["data"] == {
                 "message_id": ack["message_id"],
                 "type": "message",
                 "data": "hi",
             }
-            assert seen[-1]["data"] == {
+            assert first(seen, is_event("reply"))["data"] == {
                 "message_id": ack["message_id"],
                 "data": {"echo": "hi", "count": 1},
             }
             # A frame without an id is acknowledged with id null; message_type is passed on.
             await ws.send(json.dumps({"type": "message", "data": {"n": 2}, "message_type": "ask"}))
-            second = (await until(ws, is_type("ack")))[-1]
+            seen = await until_all(ws, is_type("ack"), is_event("reply"))
+            second = first(seen, is_type("ack"))
             assert second["id"] is None and second["message_id"] > ack["message_id"]
-            seen = await until(ws, is_event("reply"))
-            asked = next(f for f in seen if f.get("event") == "message")
+            asked = first(seen, is_event("message"))
             assert asked["data"]["type"] == "ask"
-            last_reply = seen[-1]["id"]
+            last_reply = first(seen, is_event("reply"))["id"]
 
         # A retry of a frame (same client id) on a new socket is not sent twice; the
         # socket resumes strictly after the last event handled.
@@ -110,7 +126,7 @@ async def test_a_socket_is_a_whole_chat_and_resumes_with_after(
             again = (await until(ws, is_type("ack")))[-1]
             assert again == ack
             await ws.send(json.dumps({"type": "message", "data": "three", "id": "c-3"}))
-            seen = await until(ws, is_event("reply"))
+            seen = await until_all(ws, is_type("ack"), is_event("reply"))
         events = [f for f in seen if "event" in f]
         assert [e["event"] for e in events] == ["message", "reply"], events
         assert events[1]["data"]["data"] == {"echo": "three", "count": 3}
@@ -182,12 +198,16 @@ async def test_only_the_sessions_principal_and_admin_may_send(
             assert ws.close_code == 4404
         async with connect(f"{ws_url(url, sid)}?access_token={ALICE}") as ws:
             await ws.send(json.dumps({"type": "message", "data": "from alice", "id": "a"}))
-            assert (await until(ws, is_type("ack")))[-1]["id"] == "a"
-            await until(ws, is_event("reply"))
+            seen = await until_all(ws, is_type("ack"), is_event("reply"))
+            assert first(seen, is_type("ack"))["id"] == "a"
         async with connect(ws_url(url, sid), additional_headers=bearer(ADMIN)) as ws:
             await ws.send(json.dumps({"type": "message", "data": "from admin", "id": "b"}))
-            assert (await until(ws, is_type("ack")))[-1]["id"] == "b"
-            await until(ws, lambda f: is_event("reply")(f) and f["data"]["data"]["count"] == 2)
+            seen = await until_all(
+                ws,
+                is_type("ack"),
+                lambda f: is_event("reply")(f) and f["data"]["data"]["count"] == 2,
+            )
+            assert first(seen, is_type("ack"))["id"] == "b"
         async with httpx.AsyncClient(base_url=url, headers=bearer(ALICE)) as http:
             checkpoint = await http.get(f"/calls/chat/sessions/{sid}/checkpoint")
         assert checkpoint.json()["state"] == {"heard": ["from alice", "from admin"]}
@@ -218,6 +238,7 @@ async def test_a_socket_through_a_node_that_does_not_own_the_session(
         assert not any(ref.endswith(sid) for ref in b.node.sessions)
         async with connect(ws_url(b.url, sid)) as ws:
             await ws.send(json.dumps({"type": "message", "data": "via b", "id": "v"}))
-            seen = await until(ws, is_event("reply"))
-        assert {"type": "ack", "id": "v", "message_id": seen[-1]["data"]["message_id"]} in seen
-        assert seen[-1]["data"]["data"] == {"echo": "via b", "count": 1}
+            seen = await until_all(ws, is_type("ack"), is_event("reply"))
+        reply = first(seen, is_event("reply"))
+        assert {"type": "ack", "id": "v", "message_id": reply["data"]["message_id"]} in seen
+        assert reply["data"]["data"] == {"echo": "via b", "count": 1}
