@@ -113,3 +113,24 @@ class CheckpointTooLarge(FleetError):
 
 class EventTooLarge(FleetError):
     code = "event_too_large"
+
+
+class ThreadBusy(FleetError):
+    """A session runs on the thread already (at most one does); ``live`` names it."""
+
+    code = "thread_busy"
+
+    def __init__(self, detail: str, live: str = "") -> None:
+        super().__init__(detail)
+        self.live = live
+
+
+class ThreadNotFound(FleetError):
+    code = "not_found"
+
+
+class InvalidResult(FleetError):
+    """What ``run`` returned is over ``FLEET_MAX_RESULT_BYTES`` (or is not JSON): the session
+    ends ``failed`` with this as its error."""
+
+    code = "invalid_result"

@@ -62,6 +62,13 @@ class SessionRecord:
     inbox: str = "queue"  # the worker's busy policy: queue, reject or interrupt
     inbox_pos: str = "0-0"  # the last inbox entry the latest checkpoint consumed
     inbox_done: int = 0  # how many messages that is
+    # The conversation this session is on (``fleet/runtime/threads.py``), and the session
+    # whose latest checkpoint it started from (a ref; "" for none): its state until it
+    # writes a checkpoint of its own, also after a failover.
+    thread_id: str | None = None
+    state_from: str = ""
+    result: str | None = None  # what ``run`` returned, as JSON text (written with the end)
+    error: str | None = None  # why it failed, in a word (written with the end)
 
     def to_hash(self) -> dict[str, str]:
         # Field by field rather than ``asdict``, whose deep copy is wasted work here (this
@@ -104,6 +111,10 @@ class SessionRecord:
             inbox=raw.get("inbox", "queue"),
             inbox_pos=raw.get("inbox_pos", "0-0"),
             inbox_done=int(raw.get("inbox_done", "0")),
+            thread_id=raw.get("thread_id") or None,
+            state_from=raw.get("state_from", ""),
+            result=raw.get("result"),
+            error=raw.get("error") or None,
         )
 
     def info(self) -> SessionInfo:
@@ -119,6 +130,9 @@ class SessionRecord:
             epoch=self.epoch,
             resumed_count=self.resumed_count,
             checkpoint_version=self.checkpoint_version,
+            thread_id=self.thread_id,
+            result=None if self.result is None else json.loads(self.result),
+            error=self.error,
         )
 
 
@@ -139,6 +153,16 @@ class SessionInfo(BaseModel):
     epoch: int = Field(description="Grows by one every time ownership changes.")
     resumed_count: int
     checkpoint_version: int
+    thread_id: str | None = Field(default=None, description="The thread it runs on, if any.")
+    result: Any = Field(
+        default=None,
+        description="What the worker's run returned (JSON), once the session has ended.",
+    )
+    error: str | None = Field(
+        default=None,
+        description="Why a failed session failed, in a word: the exception's class name, "
+        "or a code such as invalid_result (details are in the node's log, never here).",
+    )
 
 
 class SessionList(BaseModel):
@@ -194,3 +218,48 @@ class NodeInfo(BaseModel):
 
 class NodeList(BaseModel):
     nodes: list[NodeInfo]
+
+
+class ThreadSession(BaseModel):
+    """One session that ran on a thread. ``state`` and ``end_reason`` are null once its
+    tombstone has expired (``FLEET_TOMBSTONE_TTL``); the thread remembers it longer."""
+
+    call_id: str
+    session_id: str
+    started_at: float
+    state: State | None = None
+    end_reason: EndReason | None = None
+
+
+class ThreadSessionRef(BaseModel):
+    call_id: str
+    session_id: str
+
+
+class ThreadInfo(BaseModel):
+    """A thread: its latest state (the latest checkpoint of its sessions), the session
+    running on it, and its sessions, newest first."""
+
+    thread_id: str
+    state: Any = Field(description="The thread's latest state; null before any checkpoint.")
+    checkpoint_version: int | None = Field(
+        default=None, description="The version of that checkpoint in its session."
+    )
+    created_at: float
+    updated_at: float = Field(
+        description="The last change: a session started or ended, or a checkpoint saved."
+    )
+    live_session: ThreadSessionRef | None = None
+    sessions: list[ThreadSession]
+    next_cursor: str | None = None
+
+
+class ThreadMessageAccepted(BaseModel):
+    message_id: str
+    call_id: str
+    session_id: str
+    started: bool = Field(description="Whether this send started the session.")
+
+
+class ThreadMessageReply(ThreadMessageAccepted):
+    reply: Any

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     max_event_bytes: Annotated[int, Field(ge=64)] = 64 * 1024
     max_message_bytes: Annotated[int, Field(ge=64)] = 64 * 1024
     inbox_maxlen: Annotated[int, Field(ge=1)] = 1000
+    max_result_bytes: Annotated[int, Field(ge=64)] = 64 * 1024
+    thread_ttl: Annotated[int, Field(ge=1)] = 30 * 24 * 3600
     cors_origins: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

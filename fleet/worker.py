@@ -60,6 +60,7 @@ class SessionContext:
         state: Any,
         resumed: bool,
         hooks: SessionHooks,
+        thread_id: str | None = None,
     ) -> None:
         self.session_id = session_id
         self.call_id = call_id
@@ -68,6 +69,8 @@ class SessionContext:
         self.node_id = node_id
         self.state = state
         self.resumed = resumed
+        #: The thread this session runs on (``state`` is then the thread's latest state).
+        self.thread_id = thread_id
         self.closing = asyncio.Event()
         self.close_reason: str | None = None
         # Numbers the owner reports at ``…/metrics`` (``fleet/runtime/reports.py``): at most
@@ -110,9 +113,10 @@ class SessionContext:
 
 @runtime_checkable
 class Worker(Protocol):
-    """User code: ``run`` returns to complete the session, raises to fail it."""
+    """User code: ``run`` returns to complete the session, raises to fail it. What it
+    returns (JSON, at most ``FLEET_MAX_RESULT_BYTES``) is the session's ``result``."""
 
-    async def run(self, ctx: SessionContext) -> None: ...
+    async def run(self, ctx: SessionContext) -> Any: ...
 
 
 WorkerFactory = Callable[[], Worker]
@@ -157,8 +161,8 @@ class _FunctionWorker:
     def __init__(self, fn: Callable[[SessionContext], Any]) -> None:
         self._fn = fn
 
-    async def run(self, ctx: SessionContext) -> None:
-        await self._fn(ctx)
+    async def run(self, ctx: SessionContext) -> Any:
+        return await self._fn(ctx)
 
 
 def _build_once(import_string: str, cls: type[Any]) -> None:

@@ -20,12 +20,13 @@ async def read_sse(
     comments: list[str] | None = None,
     on_event: Callable[[SSE], None] | None = None,
     timeout: float = 20.0,
+    method: str = "GET",
     **kw: Any,
 ) -> list[SSE]:
     """Events of an SSE response until it ends (or ``upto`` events, then hang up).
     Comment lines go to ``comments`` if given; ``kw`` goes to the request."""
     out: list[SSE] = []
-    async with asyncio.timeout(timeout), client.stream("GET", url, **kw) as resp:
+    async with asyncio.timeout(timeout), client.stream(method, url, **kw) as resp:
         assert resp.status_code == 200, await resp.aread()
         fields: SSE = {}
         async for line in resp.aiter_lines():

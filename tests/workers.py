@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -155,3 +156,49 @@ class Metered:
             ctx.metrics.update(bad)
         await ctx.closing.wait()
         ctx.metrics["turns"] = 4
+
+
+class Answer:
+    """Returns at once: ``params["value"]`` (default ``{"answer": 42}``), or, with
+    ``params["bytes"]``, a string of that many characters; with ``params["object"]``, an
+    object that is not JSON. With ``params["after"]``, waits that long (or for a close)
+    first. The invoke tests' worker."""
+
+    async def run(self, ctx: SessionContext) -> Any:
+        if after := ctx.params.get("after"):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.closing.wait(), after)
+        if "bytes" in ctx.params:
+            return "x" * int(ctx.params["bytes"])
+        if ctx.params.get("object"):
+            return object()
+        return ctx.params.get("value", {"answer": 42})
+
+
+class Steps:
+    """Emits ``step`` n for n in 1..``params["steps"]`` (default 3), checkpointing each,
+    ``params["interval"]`` seconds apart (default 0.05), and returns ``{"steps": n}``. On a
+    resume it goes on from the checkpoint."""
+
+    async def run(self, ctx: SessionContext) -> Any:
+        n = int((ctx.state or {}).get("n", 0))
+        steps = int(ctx.params.get("steps", 3))
+        while n < steps:
+            await asyncio.sleep(float(ctx.params.get("interval", 0.05)))
+            n += 1
+            await ctx.emit("step", {"n": n})
+            await ctx.checkpoint({"n": n})
+        return {"steps": n}
+
+
+class Remember:
+    """Counts its runs on a thread: ``n`` one more than the state it started from,
+    checkpointed; returns ``{"thread_id", "n"}``. With ``params["hold"]``, waits for a
+    close after the checkpoint."""
+
+    async def run(self, ctx: SessionContext) -> Any:
+        n = int((ctx.state or {}).get("n", 0)) + 1
+        await ctx.checkpoint({"n": n})
+        if ctx.params.get("hold"):
+            await ctx.closing.wait()
+        return {"thread_id": ctx.thread_id, "n": n}

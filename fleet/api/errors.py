@@ -21,6 +21,8 @@ log = logging.getLogger("fleet.api")
 
 STATUS: dict[type[errors.FleetError], int] = {
     errors.SessionNotFound: 404,
+    errors.ThreadNotFound: 404,
+    errors.ThreadBusy: 409,
     errors.AdmissionRejected: 429,
     errors.NotAccepting: 503,
     errors.InvalidParams: 422,

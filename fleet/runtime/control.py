@@ -21,8 +21,8 @@ log = logging.getLogger("fleet.control")
 
 @dataclass(frozen=True)
 class Message:
-    # "close", "inbox" (a message arrived) and "resume" go to a session's owner; "ended"
-    # and "reply" go back to whoever waits for them
+    # "close", "inbox" (a message arrived), "resume" and "watch" (tell me when it ends) go
+    # to a session's owner; "ended" and "reply" go back to whoever waits for them
     op: str
     ref: str
     reason: str = ""  # a close's reason; a reply's ask token

@@ -35,6 +35,7 @@ class Ends:
         self.registry = registry
         self.node_id = node_id
         # ref -> what to write once Redis answers again: record, reason, error, metrics
+        # (the record carries the result)
         self.unwritten: dict[str, tuple[SessionRecord, EndReason, str, str]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
@@ -109,15 +110,44 @@ class Ends:
                 waiter.set_result(None)
 
     async def wait(
-        self, call_id: str, session_id: str, waiter: asyncio.Future[None], wait: float
+        self,
+        call_id: str,
+        session_id: str,
+        waiter: asyncio.Future[None],
+        wait: float,
+        *,
+        told: str = "",
     ) -> SessionRecord | None:
-        """Wait for the owner's "ended" notice; read the record now and then too, in case
-        that notice is lost. The ended record, or ``None`` if the wait ran out."""
+        """Wait for the session's end, wherever it runs and if it moves: a local end wakes
+        ``waiter``; a remote owner is asked (a ``watch`` message) to send its "ended"
+        notice here, and asked again should the session move to another owner. The record
+        is read now and then too, in case a notice is lost. ``told``: an owner that knows
+        already (a close request carries the asker). The ended record, or ``None`` if the
+        wait ran out."""
+        ref = make_ref(call_id, session_id)
         deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(waiter), min(left, REREAD_SECONDS))
-            record = await self.registry.get(call_id, session_id)
-            if record is None or record.state == State.ENDED:
-                return record
-        return None
+        current = waiter
+        try:
+            while True:
+                record = await self.registry.get(call_id, session_id)
+                if record is None or record.state == State.ENDED:
+                    return record
+                if record.node_id not in (told, self.node_id):
+                    told = record.node_id
+                    await self._watch(ref, told)
+                if (left := deadline - time.monotonic()) <= 0:
+                    return None
+                if current.done():  # woken, but not ended: the session moved on
+                    if current is not waiter:
+                        self.forget(ref, current)
+                    current = self.waiter(ref)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(current), min(left, REREAD_SECONDS))
+        finally:
+            if current is not waiter:
+                self.forget(ref, current)
+
+    async def _watch(self, ref: str, owner: str) -> None:
+        message = Message("watch", ref, reply_to=self.node_id).encode()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.registry.redis.publish(self.registry.keys.node_channel(owner), message)

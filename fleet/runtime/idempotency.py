@@ -30,7 +30,7 @@ from fleet.store.scripts import ReserveResult
 
 
 class StartSession(Protocol):
-    """``Node.start_session``, seen from here."""
+    """``Threads.start`` (a start, on a thread or not), seen from here."""
 
     async def __call__(
         self,
@@ -40,18 +40,24 @@ class StartSession(Protocol):
         principal: str = "",
         resumable: bool = True,
         *,
+        thread_id: str | None = None,
         once: Reservation | None = None,
     ) -> SessionRecord: ...
 
 
-def fingerprint(call_id: str, call_type: str, params: dict[str, Any], resumable: bool) -> str:
+def fingerprint(
+    call_id: str,
+    call_type: str,
+    params: dict[str, Any],
+    resumable: bool,
+    thread_id: str | None = None,
+) -> str:
     """What a start asks, as a digest: the same JSON values give the same fingerprint,
     whatever their key order or the spelling of the body (defaults included)."""
-    canonical = json.dumps(
-        {"call_id": call_id, "call_type": call_type, "params": params, "resumable": resumable},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
+    asked = {"call_id": call_id, "call_type": call_type, "params": params, "resumable": resumable}
+    if thread_id is not None:
+        asked["thread_id"] = thread_id
+    canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -76,17 +82,20 @@ class IdempotentStarts:
         *,
         principal: str,
         resumable: bool,
+        thread_id: str | None = None,
     ) -> SessionInfo:
         """Start the session that ``key`` stands for, once; the first answer every time.
         Raises IdempotencyMismatch, IdempotencyInProgress, or whatever the start raises."""
         once = self.registry.reservation(
-            call_id, principal, key, fingerprint(call_id, call_type, params, resumable)
+            call_id, principal, key, fingerprint(call_id, call_type, params, resumable, thread_id)
         )
         answer = await self._reserve(once)
         if answer is not None:
             return SessionInfo.model_validate_json(answer)
         try:
-            record = await self._start(call_id, call_type, params, principal, resumable, once=once)
+            record = await self._start(
+                call_id, call_type, params, principal, resumable, thread_id=thread_id, once=once
+            )
         except BaseException:
             with contextlib.suppress(*REDIS_ERRORS):  # else it expires after pending_ttl
                 await self.registry.release_idempotency_key(once)

@@ -19,6 +19,7 @@ import json
 import secrets
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,9 +97,11 @@ class Conversations:
         client_id: str = "",
         wait: float | None = None,
         principal: str = "",
+        appended: Callable[[], Awaitable[None]] | None = None,
     ) -> SendResult:
         """Append a message to the session's inbox; with ``wait``, wait that long for the
-        worker's reply. Raises SessionNotFound, SessionEnded, InboxBusy or InboxFull."""
+        worker's reply. ``appended`` runs once the message is in the inbox (before the
+        wait). Raises SessionNotFound, SessionEnded, InboxBusy or InboxFull."""
         ref = make_ref(call_id, session_id)
         token, future = self.replies.expect() if wait else ("", None)
         began = time.perf_counter()
@@ -128,6 +131,8 @@ class Conversations:
                     f"session {session_id} has {self.inbox_maxlen} "
                     "unconsumed messages, its limit (FLEET_INBOX_MAXLEN); retry later"
                 )
+            if appended is not None:
+                await appended()
             if future is None or sent.status == "dup" or wait is None:
                 return SendResult(sent.message_id)
             with contextlib.suppress(TimeoutError):

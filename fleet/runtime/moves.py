@@ -186,6 +186,10 @@ class Moves:
             record, latest = await self.registry.get_with_checkpoint(*split_ref(ref))
             if record is None or record.node_id != self.node_id or record.state == State.ENDED:
                 return
+            if latest is None and record.state_from:
+                # A session on a thread that has no checkpoint of its own yet: the
+                # thread's state it started from.
+                latest = (await self.registry.state_envelope(record.state_from))[1]
             state: Any = json.loads(latest)["state"] if latest else None
             session = LocalSession(
                 self.host, record, self._worker.create(), state=state, resumed=True

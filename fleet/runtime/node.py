@@ -35,6 +35,7 @@ from fleet.runtime.maintenance import Maintenance, enforce_limits
 from fleet.runtime.moves import Moves
 from fleet.runtime.reports import MetricsReports
 from fleet.runtime.session import CANCEL_GRACE, LocalSession
+from fleet.runtime.threads import OnThread, Threads
 from fleet.settings import Settings
 from fleet.store import REDIS_ERRORS
 from fleet.store.connect import connect
@@ -62,8 +63,11 @@ class Node:
         self._pending: set[str] = set()  # refs admitted but not yet in ``sessions``
         self.ends = Ends(self.registry, self.node_id)
         self.reports = MetricsReports(self.registry, settings, self.sessions)
-        self.idempotent = IdempotentStarts(self.registry, self.start_session)
         self.conversations = Conversations(self.registry, self.node_id, settings.inbox_maxlen)
+        self.threads = Threads(
+            self.registry, self.start_session, self.close_session, self.conversations
+        )
+        self.idempotent = IdempotentStarts(self.registry, self.threads.start)
         self.moves = Moves(self, self.sessions, self.worker, self.adopt)
         self.lease = Lease(
             self.registry,
@@ -229,10 +233,14 @@ class Node:
         resumable: bool = True,
         *,
         once: Reservation | None = None,
+        session_id: str | None = None,
+        thread: OnThread | None = None,
     ) -> SessionRecord:
         """Admit, record and start a session here; returns once it runs. With ``once`` (an
         idempotency reservation: ``self.idempotent``), the record is only written while the
-        reservation holds, together with the answer kept for the key."""
+        reservation holds, together with the answer kept for the key. ``thread``: the
+        thread it runs on, claimed for it (``self.threads``), and the state it starts
+        from."""
         began = time.perf_counter()
         ready, reason = self.readiness()
         if not ready:
@@ -244,7 +252,7 @@ class Node:
         except (ValueError, TypeError) as exc:
             raise InvalidParams(str(exc)) from None
         worker = self.worker.create()
-        session_id = secrets.token_hex(16)
+        session_id = session_id or secrets.token_hex(16)
         ref = make_ref(call_id, session_id)
         record = SessionRecord(
             session_id=session_id,
@@ -256,6 +264,8 @@ class Node:
             started_at=time.time(),
             resumable=resumable and self.worker.resumable,
             inbox=self.worker.inbox,
+            thread_id=thread.thread_id if thread else None,
+            state_from=thread.state_from if thread else "",
         )
         self._pending.add(ref)
         try:
@@ -274,7 +284,8 @@ class Node:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self.registry.end(record, EndReason.FAILED.value, error="start")
                 raise
-            session = LocalSession(self, record, worker, running=True)
+            state = thread.state if thread else None
+            session = LocalSession(self, record, worker, state=state, running=True)
             self.sessions[ref] = session
             self.count_state(State.RUNNING, +1)
         finally:
@@ -325,10 +336,22 @@ class Node:
                 local.request_close(CloseReason.CLOSED, recorded=True)
             if waiter is None or wait is None:
                 return None
-            return await self.ends.wait(call_id, session_id, waiter, wait)
+            return await self.ends.wait(call_id, session_id, waiter, wait, told=owner)
         finally:
             if waiter is not None:
                 self.ends.forget(ref, waiter)
+
+    async def wait_for_end(
+        self, call_id: str, session_id: str, wait: float
+    ) -> SessionRecord | None:
+        """The session's record once it has ended, wherever it runs and if it moves
+        (``Ends.wait``); ``None`` if it still runs after ``wait`` seconds."""
+        ref = make_ref(call_id, session_id)
+        waiter = self.ends.waiter(ref)
+        try:
+            return await self.ends.wait(call_id, session_id, waiter, wait)
+        finally:
+            self.ends.forget(ref, waiter)
 
     async def finish(
         self, session: LocalSession, reason: EndReason, error: str, *, moved: bool
@@ -343,6 +366,7 @@ class Node:
         elif reason is EndReason.NODE_SHUTDOWN and await self.drain.hand_off(session):
             moved = True
         replies = session.reply_to - {self.node_id}
+        record.result = session.result
         if not moved:
             # Whoever waits for this end is told in the same round trip as the end.
             await self.ends.write(record, reason, error, replies, self.reports.final(session))
@@ -387,6 +411,17 @@ class Node:
             self.spawn(self.moves.resume(message.ref))
         elif message.op == "close":
             self._on_close(message)
+        elif message.op == "watch":
+            self._on_watch(message)
+
+    def _on_watch(self, message: Message) -> None:
+        """Another node waits for this session's end: tell it when it comes (at once if
+        the session is not here: it ended, or moved on, and the asker reads which)."""
+        session = self.sessions.get(message.ref)
+        if session is not None:
+            session.reply_to.add(message.reply_to)
+        elif message.reply_to and message.reply_to != self.node_id:
+            self.spawn(self.ends.publish_ended(message.ref, {message.reply_to}))
 
     def _on_close(self, message: Message) -> None:
         session = self.sessions.get(message.ref)

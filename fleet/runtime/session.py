@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 from redis.exceptions import RedisError
 
 from fleet import metrics
-from fleet.errors import CheckpointTooLarge, EventTooLarge, LeaseLost
+from fleet.errors import CheckpointTooLarge, EventTooLarge, InvalidResult, LeaseLost
 from fleet.models import CloseReason, EndReason, SessionRecord, State
 from fleet.runtime.control import Message as ControlMessage
 from fleet.runtime.inbox import SessionInbox, to_message
@@ -96,6 +96,7 @@ class LocalSession:
             state=state,
             resumed=resumed,
             hooks=self,
+            thread_id=record.thread_id,
         )
         self.running: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         if running:
@@ -106,6 +107,7 @@ class LocalSession:
         self.started_mono = time.monotonic()
         self.close_requested_at: float | None = None
         self.reply_to: set[str] = set()
+        self.result: str | None = None  # what ``run`` returned, as JSON text
         self._moved = False
         self._lost: str | None = None
         self._cancel_timer: asyncio.TimerHandle | None = None
@@ -317,7 +319,7 @@ class LocalSession:
         try:
             if not self.running.done():
                 await self._mark_running()
-            await self.worker.run(self.ctx)
+            self.result = self._result(await self.worker.run(self.ctx))
         except asyncio.CancelledError:
             if self._lost is None and not self.closing:
                 raise  # the node itself is going away: finish() still runs in _main
@@ -326,6 +328,9 @@ class LocalSession:
             if not self.running.done():
                 self.running.set_exception(exc)
             return EndReason.NODE_LOST, ""
+        except InvalidResult as exc:
+            log.error("worker failed: %s", exc, extra=self.log_extra)
+            return EndReason.FAILED, exc.code
         except Exception as exc:
             log.exception("worker failed", extra=self.log_extra)
             if not self.running.done():
@@ -337,6 +342,21 @@ class LocalSession:
         if self.closing:
             return self._end_reason_for_close(), ""
         return EndReason.COMPLETED, ""
+
+    def _result(self, value: Any) -> str | None:
+        """``run``'s return value as the session's result: JSON, within the limit."""
+        if value is None:
+            return None
+        try:
+            payload = to_json(value)
+        except (TypeError, ValueError):
+            raise InvalidResult(
+                f"the worker returned a {type(value).__name__}, which is not JSON"
+            ) from None
+        limit = self.host.settings.max_result_bytes
+        if len(payload.encode()) > limit:
+            raise InvalidResult(f"the result is over the {limit}-byte limit")
+        return payload
 
     async def _mark_running(self) -> None:
         event = "session_resumed" if self.ctx.resumed else "session_started"

@@ -4,7 +4,7 @@ Layout: ``<prefix>:{<tag>}:<kind>[:<id>]``. The id is always the last part and t
 fixed words, so two distinct ids can never build the same key, and since ids cannot hold
 ``{`` or ``}`` no id can move a key to another hash slot or out of the prefix.
 
-Two hash tags decide where keys live on Redis Cluster:
+Three hash tags decide where keys live on Redis Cluster:
 
 * ``{g}``, the fleet-wide slot: node leases, per-node session sets and the admission
   counters. Admission must check the per-call, fleet-wide and per-node counts and reserve
@@ -13,6 +13,9 @@ Two hash tags decide where keys live on Redis Cluster:
   checkpoints, event streams and idempotency keys. Closing, ending or fencing a session,
   and creating one together with the answer to its ``Idempotency-Key``, are atomic steps
   on keys of one call, so they run on whichever shard holds that call.
+* ``{t:<principal>/<thread_id>}``, one slot per thread: the thread's record and its list of
+  sessions. Marking a thread busy (at most one live session) is one step on that slot;
+  the steps that span a thread and a session are in ``docs/architecture.md`` (Threads).
 
 A session reference (``ref``) is ``<call_id>/<session_id>``: ``/`` is not an id character,
 so it splits back unambiguously. An idempotency key's id is ``<principal>/<key>`` for the
@@ -115,6 +118,21 @@ class Keys:
         (state, fingerprint, token) and then the answer. ``key`` must match the id pattern
         (the API checks it before it gets here); it comes last, after a ``/``."""
         return f"{self._call(call_id)}:idem:{principal}{REF_SEPARATOR}{key}"
+
+    # -- one slot per thread -------------------------------------------------------------
+    def _thread(self, principal: str, thread_id: str) -> str:
+        # The principal's name is an id (no "/", "{" or "}"), so the pair cannot collide.
+        return f"{self.prefix}:{{t:{principal}{REF_SEPARATOR}{thread_id}}}"
+
+    def thread(self, principal: str, thread_id: str) -> str:
+        """HASH: a principal's thread: the live session (``live``, a ref, "" for none, and
+        since when), the latest session, the session whose checkpoint holds the state
+        until the latest writes its own (``state_from``), when it was created and updated."""
+        return f"{self._thread(principal, thread_id)}:thread"
+
+    def thread_sessions(self, principal: str, thread_id: str) -> str:
+        """ZSET ref -> start time (ms): the sessions that ran on the thread."""
+        return f"{self._thread(principal, thread_id)}:sessions"
 
     # -- channels -------------------------------------------------------------------------
     def node_channel_prefix(self) -> str:

@@ -118,6 +118,10 @@ class Scripts:
         "idempotency_reserve",
         "idempotency_release",
         "send",
+        "thread_claim",
+        "thread_started",
+        "thread_release",
+        "thread_delete",
     )
 
     def __init__(self, redis: Redis) -> None:

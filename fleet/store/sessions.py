@@ -21,11 +21,19 @@ from fleet.store.base import Call, to_json
 from fleet.store.idempotency import Reservation
 from fleet.store.keys import split_ref
 from fleet.store.scripts import FENCED, EndResult
+from fleet.store.threads import release_thread_call
 
 # Sessions per watch.lua call: big enough to be cheap, small enough to keep Redis snappy.
 WATCH_CHUNK = 500
 # Sessions per report_metrics.lua call: each carries up to a few KB of metrics.
 REPORT_CHUNK = 200
+
+
+def ended_event(reason: str, result: str | None) -> str:
+    """The data of ``session_ended``: the reason, and the result (JSON text) if any."""
+    if result is None:
+        return to_json({"end_reason": reason})
+    return f'{{"end_reason":{to_json(reason)},"result":{result}}}'
 
 
 class Sessions(Admission):
@@ -117,7 +125,8 @@ class Sessions(Admission):
         ``any_epoch``. ``release_from`` names the node whose slot to free (default: the
         owner; ``""`` for none). ``notify``: a message and the nodes to publish it to once
         the session is ended (now or before), in the same step. ``metrics``: the worker's
-        final metrics (JSON) to record with the end; ``""`` keeps the last report.
+        final metrics (JSON) to record with the end; ``""`` keeps the last report. The
+        record's ``result`` (what ``run`` returned) is kept with the tombstone.
         """
         message, nodes = notify
         k = self.keys
@@ -143,10 +152,12 @@ class Sessions(Admission):
                     self._settings.tombstone_ttl,
                     error,
                     self._settings.events_maxlen,
-                    to_json({"end_reason": reason}),
+                    ended_event(reason, record.result),
                     self._announce(c, sid),
                     message,
                     metrics,
+                    record.result or "",
+                    self._settings.thread_ttl if record.thread_id else self._settings.tombstone_ttl,
                     *(k.node_channel(node) for node in nodes),
                 ],
             )
@@ -154,7 +165,20 @@ class Sessions(Admission):
         if release_from != "":
             calls.append(self._release_call(release_from or owner, c, sid))
         results = await self.scripts.run_pipeline(calls)
-        return EndResult(int(results[0]))
+        ended = EndResult(int(results[0]))
+        if record.thread_id and ended in (EndResult.ENDED, EndResult.ALREADY_ENDED):
+            # The thread's slot may be on another shard: a step of its own (a crash
+            # before it is repaired by the next request on the thread: runtime/threads.py).
+            # A session that wrote no checkpoint leaves the thread's state where it found
+            # it, which is kept as long as the thread from now on.
+            def keep_state(pipe: Any) -> None:
+                source = k.checkpoint(*split_ref(record.state_from))
+                pipe.expire(source, self._settings.thread_ttl, gt=True)
+
+            before = keep_state if record.state_from else None
+            release = release_thread_call(self.keys, self._settings, record)
+            await self.scripts.run_pipeline([release], before=before)
+        return ended
 
     async def checkpoint(
         self,

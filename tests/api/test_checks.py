@@ -93,7 +93,7 @@ async def test_unknown_query_parameters_are_refused(client: httpx.AsyncClient) -
     resp = await client.post("/calls/demo/sessions", params={"limit": 3})
     assert resp.status_code == 422 and resp.json()["code"] == "invalid_request"
     assert resp.json()["detail"] == (
-        "unknown query parameter 'limit'; this route takes: none "
+        "unknown query parameter 'limit'; this route takes: wait "
         "(anything else goes in the JSON body)"
     )
     assert await nothing_started(client)

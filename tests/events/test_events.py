@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from fleet import metrics
-from fleet.api.routes import events as events_route
+from fleet.api import streams
 from fleet.events.dispatcher import EventDispatcher
 from fleet.events.listener import Listener
 from fleet.runtime.node import Node
@@ -179,7 +179,7 @@ async def test_openapi_documents_the_event_stream(served: Served) -> None:
 async def test_keep_alive_comment_on_idle_streams(
     make_settings: SettingsFactory, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(events_route, "KEEPALIVE_SECONDS", 0.1)
+    monkeypatch.setattr(streams, "KEEPALIVE_SECONDS", 0.1)
     async with serve(make_settings(worker="tests.workers:Quiet"), redis) as served:
         sid = await served.start()
         comments: list[str] = []

@@ -18,8 +18,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, WebSocket
 from pydantic import ValidationError
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
+from fleet.api import streams
 from fleet.api.auth import (
     ANONYMOUS,
     CanStream,
@@ -31,9 +31,10 @@ from fleet.api.auth import (
 )
 from fleet.api.deps import CallId, NodeDep, SessionId, visible
 from fleet.api.routes.messages import SendRequest, send_message
+from fleet.api.streams import EventStream
 from fleet.errors import FleetError, SessionNotFound
 from fleet.events.listener import EVENT_ID_PATTERN, START, Listener, is_event_id
-from fleet.models import SessionRecord, State
+from fleet.models import State
 from fleet.runtime.node import Node
 from fleet.store import REDIS_ERRORS
 from fleet.tasks import cancel_and_wait
@@ -41,9 +42,6 @@ from fleet.tasks import cancel_and_wait
 log = logging.getLogger("fleet.api.events")
 router = APIRouter(tags=["events"])
 
-KEEPALIVE_SECONDS = 15.0  # a comment line this often keeps proxies from cutting idle streams
-KEEPALIVE = b": keep-alive\n\n"
-BURST = 64  # events written in one chunk or one go when they are already waiting
 
 # WebSocket close codes: 4000 + the HTTP status they stand for.
 WS_UNAUTHORIZED, WS_NOT_FOUND, WS_INVALID, WS_TRY_AGAIN = 4401, 4404, 4422, 1013
@@ -63,64 +61,6 @@ LastEventId = Annotated[
         description="Sent by EventSource on reconnect: resume strictly after this id.",
     ),
 ]
-
-
-class EventStream(Response):
-    """``text/event-stream`` of one session. It watches for the client's disconnect
-    itself, so a client that goes away frees its listener at once, not at the next
-    write (which may be a keep-alive 15 s later)."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, node: Node, record: SessionRecord, after: str) -> None:
-        self.status_code = 200
-        self.background = None
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._node = node
-        self._record = record
-        self._after = after
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        pump = asyncio.create_task(self._pump(send))
-        gone = asyncio.create_task(_disconnected(receive))
-        try:
-            await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            await cancel_and_wait(pump, gone)
-        if gone.done() and not gone.cancelled():
-            return  # the client left
-        if not pump.cancelled() and (exc := pump.exception()) is not None:
-            if not isinstance(exc, OSError):  # OSError: the client left mid-write
-                log.error("event stream failed", exc_info=exc)
-            return
-        with contextlib.suppress(OSError):
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _pump(self, send: Send) -> None:
-        record = self._record
-        with self._node.events.listen(
-            record.call_id,
-            record.session_id,
-            self._after,
-            replay_only=record.state == State.ENDED,
-            started_at=record.started_at,
-        ) as listener:
-            while not listener.done:
-                event = await listener.next(KEEPALIVE_SECONDS)
-                if event is not None:
-                    body = b"".join(e.sse for e in [event, *listener.take_ready(BURST - 1)])
-                elif listener.done:
-                    break
-                else:
-                    body = KEEPALIVE
-                    await listener.check_session()
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 @router.get(
@@ -220,13 +160,13 @@ def _socket_principal(websocket: WebSocket) -> Principal | None:
 
 async def _send_events(websocket: WebSocket, listener: Listener, lock: asyncio.Lock) -> None:
     while not listener.done:
-        event = await listener.next(KEEPALIVE_SECONDS)
+        event = await listener.next(streams.KEEPALIVE_SECONDS)
         if event is None:
             if not listener.done:
                 await listener.check_session()
             continue
         async with lock:
-            for item in [event, *listener.take_ready(BURST - 1)]:
+            for item in [event, *listener.take_ready(streams.BURST - 1)]:
                 await websocket.send_text(item.message)
 
 

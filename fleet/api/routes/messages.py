@@ -14,7 +14,7 @@ from fleet.api.limits import depth
 from fleet.api.routes.sessions import ERRORS, WaitSeconds
 from fleet.errors import InvalidRequest, MessageTooLarge, SessionNotFound
 from fleet.metrics import MESSAGES_SENT, labelled
-from fleet.settings import ID_PATTERN
+from fleet.settings import ID_PATTERN, Settings
 
 router = APIRouter(tags=["messages"])
 
@@ -43,6 +43,21 @@ class MessageReply(BaseModel):
     reply: Any
 
 
+def message_json(body: SendRequest, settings: Settings) -> str:
+    """The message's data as JSON text, within the size and depth limits."""
+    data_json = json.dumps(body.data, separators=(",", ":"), ensure_ascii=False)
+    size = len(data_json.encode())
+    if size > settings.max_message_bytes:
+        labelled(MESSAGES_SENT, "too_large").inc()
+        raise MessageTooLarge(
+            f"the message's data is {size} bytes of JSON; the limit is "
+            f"{settings.max_message_bytes} (FLEET_MAX_MESSAGE_BYTES)"
+        )
+    if depth(body.data, settings.max_params_depth) > settings.max_params_depth:
+        raise InvalidRequest(f"data nests deeper than {settings.max_params_depth} levels")
+    return data_json
+
+
 @router.post(
     "/calls/{call_id}/sessions/{session_id}/messages",
     status_code=202,
@@ -68,17 +83,7 @@ async def send_message(
     """Append a message to the session's inbox, wherever it runs; its owner is told at
     once. With ``?wait=SECONDS``, answer 200 with the worker's reply (202 if the wait runs
     out: the reply still appears as a ``reply`` event)."""
-    settings = node.settings
-    data_json = json.dumps(body.data, separators=(",", ":"), ensure_ascii=False)
-    size = len(data_json.encode())
-    if size > settings.max_message_bytes:
-        labelled(MESSAGES_SENT, "too_large").inc()
-        raise MessageTooLarge(
-            f"the message's data is {size} bytes of JSON; the limit is "
-            f"{settings.max_message_bytes} (FLEET_MAX_MESSAGE_BYTES)"
-        )
-    if depth(body.data, settings.max_params_depth) > settings.max_params_depth:
-        raise InvalidRequest(f"data nests deeper than {settings.max_params_depth} levels")
+    data_json = message_json(body, node.settings)
     try:
         scope = await scope_of(node, call_id, session_id, allowed)
     except SessionNotFound:  # a permission hook's 404 (the send script counts its own)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from fleet.api.auth import (
@@ -18,7 +18,9 @@ from fleet.api.auth import (
 )
 from fleet.api.deps import CallId, NodeDep, SessionId, scope_of, visible
 from fleet.api.limits import check_params
+from fleet.api.streams import EventStream
 from fleet.errors import SessionNotFound
+from fleet.events.listener import START
 from fleet.models import (
     Checkpoint,
     CloseAccepted,
@@ -26,6 +28,7 @@ from fleet.models import (
     SessionList,
     SessionMetrics,
     SessionPage,
+    SessionRecord,
     State,
 )
 from fleet.runtime.node import Node
@@ -52,6 +55,17 @@ class StartRequest(BaseModel):
         description="false: if its node dies, end the session as node_lost instead of "
         "resuming it elsewhere from its last checkpoint.",
     )
+    thread_id: str | None = Field(
+        default=None,
+        pattern=ID_PATTERN,
+        description="Run on this thread (yours alone): start from its latest state; 409 "
+        "thread_busy while another session runs on it.",
+    )
+    close_on_disconnect: StrictBool = Field(
+        default=False,
+        description="With Accept: text/event-stream: close the session when the client "
+        "leaves the stream before the session ends (by default it runs on).",
+    )
 
 
 IdempotencyKey = Annotated[
@@ -66,14 +80,26 @@ IdempotencyKey = Annotated[
 ]
 
 
+WaitSeconds = Annotated[
+    float | None,
+    Query(ge=0, le=300, description="Wait up to this many seconds for the session to end."),
+]
+
+
 @router.post(
     "/calls/{call_id}/sessions",
     status_code=201,
     response_model=SessionInfo,
     responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "With Accept: text/event-stream: the new session's events, from "
+            "session_started to session_ended (Location names the session).",
+        },
         409: {
-            "description": "idempotency_in_progress: a start with this Idempotency-Key "
-            "is still under way; retry after Retry-After for its answer."
+            "description": "thread_busy: a session runs on the thread (the answer names "
+            "it); idempotency_in_progress: a start with this Idempotency-Key is still "
+            "under way, retry after Retry-After for its answer."
         },
         429: {"description": "A limit refused the session (see code)."},
         503: {"description": "This node is draining or not ready; retry another."},
@@ -84,28 +110,73 @@ async def start_session(
     call_id: CallId,
     node: NodeDep,
     principal: CanStart,
+    request: Request,
     body: Annotated[StartRequest | None, Body()] = None,
     idempotency_key: IdempotencyKey = None,
-) -> SessionInfo:
+    wait: WaitSeconds = None,
+) -> SessionInfo | Response:
     """Start a session. With an ``Idempotency-Key``, a repeat answers with the first
     start's SessionInfo as it was then (the session may have moved on since: read it for
     its state now); a repeat with another body is 422 ``idempotency_mismatch``. Only a
-    start that succeeded is remembered: after a refusal the same key may be tried again."""
+    start that succeeded is remembered: after a refusal the same key may be tried again.
+
+    Invoke: with ``?wait=SECONDS`` the answer comes once the session has ended (state
+    ``ended``, with ``end_reason`` and ``result``), wherever it runs and if it moves; if
+    the wait runs out, the session as it runs (follow or close it). Stream: with ``Accept:
+    text/event-stream`` the answer is the session's events until ``session_ended``; a
+    repeat with the same ``Idempotency-Key`` streams the first start's session again."""
     body = body or StartRequest()
     check_params(body.params, node.settings)
     if idempotency_key is not None:
-        return await node.idempotent.start(
+        info = await node.idempotent.start(
             idempotency_key,
             call_id,
             body.call_type,
             body.params,
             principal=principal.name,
             resumable=body.resumable,
+            thread_id=body.thread_id,
         )
-    record = await node.start_session(
-        call_id, body.call_type, body.params, principal=principal.name, resumable=body.resumable
+    else:
+        record = await node.threads.start(
+            call_id,
+            body.call_type,
+            body.params,
+            principal=principal.name,
+            resumable=body.resumable,
+            thread_id=body.thread_id,
+        )
+        info = record.info()
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return _stream(node, info, close_on_disconnect=body.close_on_disconnect)
+    if wait:
+        ended = await node.wait_for_end(info.call_id, info.session_id, wait)
+        if ended is not None:
+            return ended.info()
+    return info
+
+
+def _stream(node: Node, info: SessionInfo, *, close_on_disconnect: bool) -> EventStream:
+    """The new session's events, from ``session_started`` on."""
+    call_id, session_id = info.call_id, info.session_id
+
+    async def close() -> None:
+        await node.close_session(call_id, session_id)
+
+    record = SessionRecord(
+        session_id=session_id,
+        call_id=call_id,
+        call_type=info.call_type,
+        node_id=info.node_id,
+        started_at=info.session_started_at,
     )
-    return record.info()
+    return EventStream(
+        node,
+        record,
+        START,
+        headers={"Location": f"/calls/{call_id}/sessions/{session_id}"},
+        on_gone=close if close_on_disconnect else None,
+    )
 
 
 @router.get("/calls/{call_id}/sessions", response_model=SessionList, responses=ERRORS)
@@ -119,12 +190,6 @@ async def get_session(
     call_id: CallId, session_id: SessionId, node: NodeDep, allowed: CanView
 ) -> SessionInfo:
     return (await visible(node, call_id, session_id, allowed)).info()
-
-
-WaitSeconds = Annotated[
-    float | None,
-    Query(ge=0, le=300, description="Wait up to this many seconds for the session to end."),
-]
 
 
 async def _close(

@@ -13,7 +13,10 @@
 -- ARGV[10] a message for the nodes that wait for this end ('' = none)
 -- ARGV[11] the worker's final metrics (a JSON object; '' = keep the last report), written
 --          with metrics_reported_at = ended_at: the owner's last report rides on its end
--- ARGV[12..] the channels of the nodes that wait (a channel is not a key: Cluster is
+-- ARGV[12] what the worker's run returned (JSON; '' = nothing)
+-- ARGV[13] how long the checkpoints are kept (s): a tombstone's TTL, or a thread's (the
+--          latest checkpoint of a thread's session is the thread's state)
+-- ARGV[14..] the channels of the nodes that wait (a channel is not a key: Cluster is
 --          unaffected)
 -- Returns 1 ended now, 0 no such session, 2 already ended, -1 fenced (owner moved on).
 local rec = redis.call('HMGET', KEYS[1], 'node_id', 'epoch', 'state', 'session_id')
@@ -21,7 +24,7 @@ if not rec[1] then
   return 0
 end
 local function notify()
-  for i = 12, #ARGV do
+  for i = 14, #ARGV do
     redis.call('PUBLISH', ARGV[i], ARGV[10])
   end
 end
@@ -37,6 +40,9 @@ redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_at', ARGV[4], 'end_reason',
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'error', ARGV[6])
 end
+if ARGV[12] ~= '' then
+  redis.call('HSET', KEYS[1], 'result', ARGV[12])
+end
 if ARGV[11] ~= '' then
   redis.call('HSET', KEYS[1], 'metrics', ARGV[11], 'metrics_reported_at', ARGV[4])
 end
@@ -46,7 +52,7 @@ if ARGV[9] ~= '' then
   redis.call('PUBLISH', ARGV[9], id)
 end
 redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[4], ttl)
+redis.call('EXPIRE', KEYS[4], tonumber(ARGV[13]))
 redis.call('EXPIRE', KEYS[5], ttl)
 redis.call('EXPIRE', KEYS[6], ttl)
 redis.call('EXPIRE', KEYS[7], ttl)
