@@ -216,3 +216,65 @@ def test_conversation_across_slots_and_a_kill(topology: Topology) -> None:
             info = fleet.session(call, sid, b)
             assert info["state"] == "running" and info["epoch"] == 2
             assert info["node_id"] != a.name
+
+
+def test_threads_across_slots_with_a_repair() -> None:
+    """On Cluster a thread's keys and its sessions' keys sit on different shards (threads
+    ``t-0`` to ``t-3`` of principal ``anonymous`` in calls of their own). Conversations on
+    them go on across sessions and a kill; two racing sends start one session; and a
+    thread left marked busy by a session that ended (the crash between the end and the
+    release, two steps on two shards) is released by the next send."""
+    cluster = LocalCluster()
+    try:
+        cluster.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        with LocalFleet(
+            3, redis=cluster, FLEET_WORKER="tests.workers:Echo", FLEET_NODE_TTL="2"
+        ) as fleet:
+            a, b, c = fleet.nodes
+            threads = [f"t-{i}" for i in range(4)]
+
+            def say(thread: str, data: Any, via: NodeProcess) -> dict[str, Any]:
+                resp = fleet.request(
+                    "POST",
+                    f"/threads/{thread}/messages",
+                    via,
+                    params={"wait": 15},
+                    json={"data": data, "id": f"{thread}-{data}"},
+                    timeout=20,
+                )
+                assert resp.status_code == 200, resp.text
+                out: dict[str, Any] = resp.json()
+                return out
+
+            sends = [(thread, data) for thread in threads for data in (0, 1)]
+            with ThreadPoolExecutor(8) as pool:
+                racing = list(pool.map(lambda s: say(s[0], s[1], a), sends))
+            for thread in threads:
+                mine = [r for r in racing if r["call_id"] == thread]
+                assert len({r["session_id"] for r in mine}) == 1
+                assert sum(r["started"] for r in mine) == 1
+            a.signal(signal.SIGKILL)
+            for thread in threads:
+                assert say(thread, 2, b)["reply"]["count"] == 3
+            first = say(threads[0], 3, c)
+            closed = fleet.request(
+                "DELETE", f"/calls/t-0/sessions/{first['session_id']}", c, params={"wait": 5}
+            )
+            assert closed.json()["state"] == "ended"
+            # The crash between the end and the release, as the thread's shard sees it.
+            ref = f"t-0/{first['session_id']}"
+            key = f"{fleet.prefix}:{{t:anonymous/t-0}}:thread"
+            port = cluster.servers[0].port
+            assert _ask(port, "-c", "hget", key, "latest") == ref  # the thread's record
+            _ask(port, "-c", "hset", key, "live", ref, "live_since", "1")
+            again = say(threads[0], 4, b)
+            assert again["started"] and again["reply"]["count"] == 5
+            thread = fleet.request("GET", "/threads/t-0", c).json()
+            heard = thread["state"]["heard"]
+            assert sorted(heard[:2]) == [0, 1] and heard[2:] == [2, 3, 4]
+            assert len(thread["sessions"]) == 2
+    finally:
+        cluster.stop()
