@@ -33,6 +33,7 @@ from fleet.runtime.inbox import Conversations
 from fleet.runtime.lease import Lease
 from fleet.runtime.maintenance import Maintenance, enforce_limits
 from fleet.runtime.moves import Moves
+from fleet.runtime.orders import Orders
 from fleet.runtime.reports import MetricsReports
 from fleet.runtime.session import CANCEL_GRACE, LocalSession
 from fleet.runtime.threads import OnThread, Threads
@@ -101,7 +102,9 @@ class Node:
         self._listener = ControlListener(
             self.redis,
             self.registry.keys.node_channel(self.node_id),
-            self._on_message,
+            Orders(
+                self.node_id, self.sessions, self.ends, self.conversations, self.moves, self.spawn
+            ),
             self._on_subscribed,
             on_lost=self.lease.wake,
         )
@@ -399,45 +402,6 @@ class Node:
         return task
 
     # -- control channel ----------------------------------------------------------------
-    def _on_message(self, message: Message) -> None:
-        if message.op == "ended":
-            self.ends.wake(message.ref)
-        elif message.op == "reply":
-            self.conversations.replies.resolve(message.reason, message.payload)
-        elif message.op == "inbox":
-            if (session := self.sessions.get(message.ref)) is not None:
-                session.nudge()
-        elif message.op == "resume":
-            self.spawn(self.moves.resume(message.ref))
-        elif message.op == "close":
-            self._on_close(message)
-        elif message.op == "watch":
-            self._on_watch(message)
-
-    def _on_watch(self, message: Message) -> None:
-        """Another node waits for this session's end: tell it when it comes (at once if
-        the session is not here: it ended, or moved on, and the asker reads which)."""
-        session = self.sessions.get(message.ref)
-        if session is not None:
-            session.reply_to.add(message.reply_to)
-        elif message.reply_to and message.reply_to != self.node_id:
-            self.spawn(self.ends.publish_ended(message.ref, {message.reply_to}))
-
-    def _on_close(self, message: Message) -> None:
-        session = self.sessions.get(message.ref)
-        if session is None:
-            if message.reply_to and message.reply_to != self.node_id:
-                self.spawn(self.ends.publish_ended(message.ref, {message.reply_to}))
-            return
-        if message.reply_to:
-            session.reply_to.add(message.reply_to)
-        try:
-            reason = CloseReason(message.reason)
-        except ValueError:
-            reason = CloseReason.CLOSED
-        # The asker's request_close wrote the flag and session_closing already.
-        session.request_close(reason, recorded=True)
-
     async def _on_subscribed(self) -> None:
         self._set_ready_gauge()
         self.maintenance.wake()

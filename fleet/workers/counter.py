@@ -1,6 +1,6 @@
 """The counter: fleet's demo worker. It ticks, emits and checkpoints, and resumes where it
 left off. Params: ``interval`` (seconds between ticks, default 1.0) and ``limit`` (complete
-after this many ticks; optional)."""
+after this many ticks; optional). Its result is the last ``{"n": n}``."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ class Counter:
         if unknown:
             raise ValueError(f"unknown params for the counter: {', '.join(sorted(unknown))}")
 
-    async def run(self, ctx: SessionContext) -> None:
+    async def run(self, ctx: SessionContext) -> dict[str, int]:
+        """Ticks until ``limit`` (or a close); the result is the last ``{"n": n}``."""
         interval = float(ctx.params.get("interval", 1.0))
         limit = ctx.params.get("limit")
         n = int(ctx.state["n"]) if isinstance(ctx.state, dict) and "n" in ctx.state else 0
@@ -43,10 +44,11 @@ class Counter:
             try:
                 async with asyncio.timeout(interval):
                     await ctx.closing.wait()
-                return  # asked to close: the last tick is already checkpointed
+                return {"n": n}  # asked to close: the last tick is already checkpointed
             except TimeoutError:
                 pass
             n += 1
             await ctx.emit("tick", {"n": n})
             await ctx.checkpoint({"n": n})
             ctx.metrics["ticks"] = n
+        return {"n": n}

@@ -72,6 +72,20 @@ def test_idempotency_keys_are_per_call_principal_and_key(
         assert key not in all_keys(c, k)
 
 
+@given(st.text(min_size=1, max_size=20), ids, st.text(min_size=1, max_size=20), ids)
+def test_thread_keys_are_per_principal_and_thread(p1: str, t1: str, p2: str, t2: str) -> None:
+    """A thread's two keys share one slot, and no two (principal, thread) pairs share a
+    key, whatever the principal's name (a custom hook may return any): the thread id,
+    which cannot hold ``/``, comes last in the tag."""
+    for p, t in [(p1, t1), (p2, t2)]:
+        record, sessions = KEYS.thread(p, t), KEYS.thread_sessions(p, t)
+        assert record.startswith("fleet:{t:") and record != sessions
+        assert hash_tag(record) == hash_tag(sessions)
+    if KEYS.thread(p1, t1) == KEYS.thread(p2, t2):
+        assert (p1, t1) == (p2, t2)
+    assert KEYS.thread("a:b", "c") != KEYS.thread("a", "b:c")
+
+
 def test_idempotency_key_layout_tells_principal_and_key_apart() -> None:
     # ``:`` is an id character: with it as the separator these two would collide.
     assert KEYS.idempotency("c", "a:b", "c") != KEYS.idempotency("c", "a", "b:c")
