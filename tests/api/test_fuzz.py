@@ -157,8 +157,9 @@ def short_waits(case: Case[Any]) -> Case[Any]:
     (here: FLEET_MAX_SESSION_DURATION, 5 s): keep the fuzzer's waits short, so that the run
     stays bounded. The parameter's edges are still what the schema says."""
     query = case.query or {}
+    wait: Any = query.get("wait")
     with contextlib.suppress(TypeError, ValueError):
-        if float(query.get("wait")) > 0.2:
+        if float(wait) > 0.2:
             query["wait"] = 0.2
     return case
 
