@@ -61,3 +61,34 @@ class Probe:
         finally:
             if log is not None:
                 log.close()
+
+
+class Quick:
+    """Returns at once, or answers a few messages first: the invoke and thread benchmark's
+    worker (``bench.workers:Quick``).
+
+    Params (all optional):
+
+    * ``replies``: answer this many messages, each at once with ``{"n": <messages so
+      far>}``, then return; 0 (the default): return at once without reading any (an
+      invoke). It also returns when the session is closing.
+    * ``every``: checkpoint ``{"n": ...}`` after this many messages (default 100), so a
+      long-lived session's inbox never fills up.
+
+    Returns ``{"ok": true, "n": <messages answered>}``.
+    """
+
+    async def run(self, ctx: SessionContext) -> dict[str, Any]:
+        params: dict[str, Any] = ctx.params
+        replies = int(params.get("replies", 0))
+        every = int(params.get("every", 100))
+        n = 0
+        if replies > 0:
+            async for message in ctx.messages:
+                n += 1
+                await message.reply({"n": n})
+                if n >= replies:
+                    break
+                if n % every == 0:
+                    await ctx.checkpoint({"n": n})
+        return {"ok": True, "n": n}
