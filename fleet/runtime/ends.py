@@ -127,20 +127,23 @@ class Ends:
         ref = make_ref(call_id, session_id)
         deadline = time.monotonic() + wait
         current = waiter
+        read = not told  # an owner that was told has just been read by the asker
         try:
             while True:
-                record = await self.registry.get(call_id, session_id)
-                if record is None or record.state == State.ENDED:
-                    return record
-                if record.node_id not in (told, self.node_id):
-                    told = record.node_id
-                    await self._watch(ref, told)
+                if read or current.done():
+                    record = await self.registry.get(call_id, session_id)
+                    if record is None or record.state == State.ENDED:
+                        return record
+                    if record.node_id not in (told, self.node_id):
+                        told = record.node_id
+                        await self._watch(ref, told)
+                    if current.done():  # woken, but not ended: the session moved on
+                        if current is not waiter:
+                            self.forget(ref, current)
+                        current = self.waiter(ref)
+                read = True
                 if (left := deadline - time.monotonic()) <= 0:
                     return None
-                if current.done():  # woken, but not ended: the session moved on
-                    if current is not waiter:
-                        self.forget(ref, current)
-                    current = self.waiter(ref)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(current), min(left, REREAD_SECONDS))
         finally:
