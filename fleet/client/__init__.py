@@ -21,15 +21,8 @@ read the answer); the two clients only differ in how they send it.
 """
 
 from fleet.client.aio import AsyncFleetClient
-from fleet.client.base import (
-    FleetAPIError,
-    FleetConnectionError,
-    Health,
-    MessageAccepted,
-    MessageReply,
-    NoReply,
-    Readiness,
-)
+from fleet.client.base import Health, MessageAccepted, MessageReply, Readiness
+from fleet.client.errors import FleetAPIError, FleetConnectionError, NoReply
 from fleet.client.sse import ServerSentEvent, SSEDecoder
 from fleet.client.sync import FleetClient
 from fleet.models import SessionMetrics

@@ -16,18 +16,16 @@ from fleet.client.base import (
     Health,
     MessageAccepted,
     MessageReply,
-    NoReply,
     Readiness,
     Request,
     Requests,
     T,
     answer,
-    api_error,
     retry_delay,
     session_path,
-    unreachable,
     worth_retrying,
 )
+from fleet.client.errors import NoReply, api_error, unreachable
 from fleet.client.sse import Follow, ServerSentEvent
 from fleet.models import (
     Checkpoint,
