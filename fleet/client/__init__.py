@@ -25,7 +25,7 @@ from fleet.client.base import Health, MessageAccepted, MessageReply, Readiness
 from fleet.client.errors import FleetAPIError, FleetConnectionError, NoReply
 from fleet.client.sse import ServerSentEvent, SSEDecoder
 from fleet.client.sync import FleetClient
-from fleet.models import SessionMetrics
+from fleet.models import SessionMetrics, ThreadInfo, ThreadMessageAccepted, ThreadMessageReply
 
 __all__ = [
     "AsyncFleetClient",
@@ -40,4 +40,7 @@ __all__ = [
     "SSEDecoder",
     "ServerSentEvent",
     "SessionMetrics",
+    "ThreadInfo",
+    "ThreadMessageAccepted",
+    "ThreadMessageReply",
 ]
