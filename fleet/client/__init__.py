@@ -12,6 +12,13 @@ many attempts reach a node (``retries=`` on either client; docs/cli.md). ``send`
 the same with a message id: the session's inbox keeps one message per id. ``ask`` sends
 and returns the worker's reply, or raises ``NoReply`` when the wait runs out.
 
+``invoke`` starts a session and answers with it once it has ended (``result`` is what the
+worker's ``run`` returned), or as it runs if the wait runs out; it is a start, retried with
+one key, so a retry after its node died waits for the same session. ``stream`` starts a
+session and iterates its events, resuming a cut stream from ``…/events``. Threads:
+``send_to_thread`` (starts a session on the thread if none runs), ``thread`` and
+``delete_thread``.
+
 The base URL and token come from the arguments or from ``FLEET_URL`` (default
 ``http://127.0.0.1:8000``) and ``FLEET_TOKEN``. The token is sent as
 ``Authorization: Bearer``; it is never logged and never shown in a ``repr``.
