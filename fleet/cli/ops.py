@@ -1,4 +1,5 @@
-"""``fleet sessions ls|show|close|send`` and ``fleet nodes``: a fleet seen from outside.
+"""``fleet sessions ls|show|close|send``, ``fleet invoke`` and ``fleet nodes``: a fleet seen
+from outside (``fleet threads``: see ``fleet.cli.threads``).
 
 These commands talk to a node (or to the load balancer in front of the fleet) through
 ``fleet.client``, at ``--url`` or ``FLEET_URL``, with the token in ``FLEET_TOKEN``. The
@@ -27,8 +28,9 @@ from fleet.client import (
     MessageReply,
     SessionMetrics,
 )
+from fleet.client.base import INVOKE_WAIT
 from fleet.errors import FleetError
-from fleet.models import CloseAccepted, NodeInfo, SessionInfo, State
+from fleet.models import CloseAccepted, EndReason, NodeInfo, SessionInfo, State
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -233,6 +235,30 @@ def cmd_send(client: FleetClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_invoke(client: FleetClient, args: argparse.Namespace) -> int:
+    info = client.invoke(
+        args.call_id,
+        params=args.params,
+        thread_id=args.thread,
+        wait=args.wait,
+        idempotency_key=args.key,
+    )
+    ref = f"{info.call_id}/{info.session_id}"
+    completed = info.end_reason == EndReason.COMPLETED
+    if args.json:
+        dump(as_json(info))
+    elif completed or info.result is not None:
+        print(json.dumps(info.result, ensure_ascii=False))
+    if info.state != State.ENDED:
+        print(f"fleet: {ref} still runs after {args.wait:g}s", file=sys.stderr)
+        return EXIT_FAILED
+    if not completed:
+        why = f" ({info.error})" if info.error else ""
+        print(f"fleet: {ref} ended {info.end_reason}{why}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_nodes(client: FleetClient, args: argparse.Namespace) -> int:
     nodes = client.nodes()
     if args.json:
@@ -261,6 +287,8 @@ def describe(exc: FleetError) -> str:
             401: " (set FLEET_TOKEN to a token from the nodes' FLEET_API_KEYS)",
             403: " (this token may not do that)",
         }.get(exc.status, "")
+        if exc.code == "thread_busy":
+            hint = " (close that session first, or wait for its end)"
         return f"{exc.detail} [{exc.status} {exc.code}]{hint}"
     return exc.detail
 
@@ -276,7 +304,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
-def _common() -> argparse.ArgumentParser:
+def common_options() -> argparse.ArgumentParser:
+    """``--url`` and ``--json``, for every command that talks to a fleet."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--url", help="a node or the fleet's load balancer (FLEET_URL, http://127.0.0.1:8000)"
@@ -306,9 +335,16 @@ def json_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not JSON ({exc}); quote strings: '\"hi\"'") from exc
 
 
+def json_object(text: str) -> dict[str, Any]:
+    value = json_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, like '{\"a\": 1}'")
+    return value
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``sessions`` and ``nodes`` to the ``fleet`` command."""
-    common = _common()
+    """Add ``sessions``, ``invoke`` and ``nodes`` to the ``fleet`` command."""
+    common = common_options()
     sessions = sub.add_parser("sessions", help="list, show, close and send to sessions of a fleet")
     verbs = sessions.add_subparsers(dest="verb", required=True)
 
@@ -350,6 +386,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="wait up to S seconds for the worker's reply and print it (exit 1 if none)",
     )
     send.set_defaults(func=run, client_command=cmd_send)
+
+    invoke = sub.add_parser(
+        "invoke", parents=[common], help="start a session, wait for its end, print its result"
+    )
+    invoke.add_argument("call_id", metavar="CALL")
+    invoke.add_argument(
+        "--params", type=json_object, metavar="JSON", help="the session's params, a JSON object"
+    )
+    invoke.add_argument("--thread", metavar="ID", help="run on this thread, from its state")
+    invoke.add_argument(
+        "--wait",
+        type=seconds,
+        default=INVOKE_WAIT,
+        metavar="S",
+        help=f"wait up to S seconds for the end (default {INVOKE_WAIT:g}; exit 1 if it runs on)",
+    )
+    invoke.add_argument(
+        "--key",
+        metavar="KEY",
+        help="an Idempotency-Key: run again with the same key to wait for the same session",
+    )
+    invoke.set_defaults(func=run, client_command=cmd_invoke)
 
     nodes = sub.add_parser("nodes", parents=[common], help="the live nodes of a fleet")
     nodes.set_defaults(func=run, client_command=cmd_nodes)

@@ -12,6 +12,13 @@ many attempts reach a node (``retries=`` on either client; docs/cli.md). ``send`
 the same with a message id: the session's inbox keeps one message per id. ``ask`` sends
 and returns the worker's reply, or raises ``NoReply`` when the wait runs out.
 
+``invoke`` starts a session and answers with it once it has ended (``result`` is what the
+worker's ``run`` returned), or as it runs if the wait runs out; it is a start, retried with
+one key, so a retry after its node died waits for the same session. ``stream`` starts a
+session and iterates its events, resuming a cut stream from ``…/events``. Threads:
+``send_to_thread`` (starts a session on the thread if none runs), ``thread`` and
+``delete_thread``.
+
 The base URL and token come from the arguments or from ``FLEET_URL`` (default
 ``http://127.0.0.1:8000``) and ``FLEET_TOKEN``. The token is sent as
 ``Authorization: Bearer``; it is never logged and never shown in a ``repr``.
@@ -21,18 +28,11 @@ read the answer); the two clients only differ in how they send it.
 """
 
 from fleet.client.aio import AsyncFleetClient
-from fleet.client.base import (
-    FleetAPIError,
-    FleetConnectionError,
-    Health,
-    MessageAccepted,
-    MessageReply,
-    NoReply,
-    Readiness,
-)
+from fleet.client.base import Health, MessageAccepted, MessageReply, Readiness
+from fleet.client.errors import FleetAPIError, FleetConnectionError, NoReply
 from fleet.client.sse import ServerSentEvent, SSEDecoder
 from fleet.client.sync import FleetClient
-from fleet.models import SessionMetrics
+from fleet.models import SessionMetrics, ThreadInfo, ThreadMessageAccepted, ThreadMessageReply
 
 __all__ = [
     "AsyncFleetClient",
@@ -47,4 +47,7 @@ __all__ = [
     "SSEDecoder",
     "ServerSentEvent",
     "SessionMetrics",
+    "ThreadInfo",
+    "ThreadMessageAccepted",
+    "ThreadMessageReply",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from fleet.client.base import (
+    INVOKE_WAIT,
     RETRYABLE_ERRORS,
     RETRYABLE_STATUS,
     START_RETRIES,
@@ -16,19 +17,17 @@ from fleet.client.base import (
     Health,
     MessageAccepted,
     MessageReply,
-    NoReply,
     Readiness,
     Request,
     Requests,
     T,
     answer,
-    api_error,
     retry_delay,
     session_path,
-    unreachable,
     worth_retrying,
 )
-from fleet.client.sse import Follow, ServerSentEvent
+from fleet.client.errors import NoReply, api_error, unreachable
+from fleet.client.sse import Follow, Opening, ServerSentEvent
 from fleet.models import (
     Checkpoint,
     CloseAccepted,
@@ -37,6 +36,9 @@ from fleet.models import (
     SessionMetrics,
     SessionPage,
     State,
+    ThreadInfo,
+    ThreadMessageAccepted,
+    ThreadMessageReply,
 )
 
 
@@ -97,15 +99,45 @@ class AsyncFleetClient(ClientBase):
         call_type: str = "default",
         resumable: bool = True,
         *,
+        thread_id: str | None = None,
         idempotency_key: str | None = None,
     ) -> SessionInfo:
-        """Start a session of the node's worker in ``call_id``. The start carries an
-        ``Idempotency-Key`` (``idempotency_key``, or a new UUID), so it is sent again
-        safely when no answer comes or a proxy or a draining node refuses it (up to
-        ``retries`` times): however many attempts reach a node, one session starts.
-        Pass the same ``idempotency_key`` to retry a start yourself later."""
+        """See ``FleetClient.start_session``."""
         req = Requests.start_session(
-            call_id, params, call_type, resumable, idempotency_key, self.retries
+            call_id,
+            params,
+            call_type,
+            resumable,
+            idempotency_key,
+            self.retries,
+            thread_id=thread_id,
+            timeout=self.timeout,
+        )
+        return await self._send(req)
+
+    async def invoke(
+        self,
+        call_id: str,
+        *,
+        params: dict[str, Any] | None = None,
+        call_type: str = "default",
+        thread_id: str | None = None,
+        wait: float = INVOKE_WAIT,
+        idempotency_key: str | None = None,
+    ) -> SessionInfo:
+        """Start a session and wait up to ``wait`` seconds for its end: the ended
+        ``SessionInfo`` with its ``result``, or the session as it runs if the wait ran
+        out. Retried safely; see ``FleetClient.invoke``."""
+        req = Requests.start_session(
+            call_id,
+            params,
+            call_type,
+            True,
+            idempotency_key,
+            self.retries,
+            thread_id=thread_id,
+            wait=wait,
+            timeout=self.timeout,
         )
         return await self._send(req)
 
@@ -190,6 +222,33 @@ class AsyncFleetClient(ClientBase):
             return answer.reply
         raise NoReply(answer.message_id, timeout)
 
+    async def thread(
+        self, thread_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> ThreadInfo:
+        """See ``FleetClient.thread``."""
+        return await self._send(Requests.get_thread(thread_id, limit, cursor))
+
+    async def delete_thread(self, thread_id: str) -> None:
+        """See ``FleetClient.delete_thread``."""
+        await self._send(Requests.delete_thread(thread_id))
+
+    async def send_to_thread(
+        self,
+        thread_id: str,
+        data: Any,
+        *,
+        type: str = "message",
+        id: str | None = None,
+        call_id: str | None = None,
+        params: dict[str, Any] | None = None,
+        wait: float | None = None,
+    ) -> ThreadMessageReply | ThreadMessageAccepted:
+        """See ``FleetClient.send_to_thread``."""
+        req = Requests.send_to_thread(
+            thread_id, data, type, id, call_id, params, wait, self.timeout, self.retries
+        )
+        return await self._send(req)
+
     async def get_checkpoint(
         self, call_id: str, session_id: str, version: int | None = None
     ) -> Checkpoint:
@@ -221,6 +280,68 @@ class AsyncFleetClient(ClientBase):
         ``session_ended``. A cut stream is resumed where it stopped, on whatever node
         answers. Break out early with ``contextlib.aclosing`` to free the connection."""
         follow = Follow(session_path(call_id, session_id, "/events"), last_event_id, reconnect)
+        async for event in self._follow(follow):
+            yield event
+
+    async def stream(
+        self,
+        call_id: str,
+        *,
+        params: dict[str, Any] | None = None,
+        call_type: str = "default",
+        thread_id: str | None = None,
+        resumable: bool = True,
+        close_on_disconnect: bool = False,
+        idempotency_key: str | None = None,
+        reconnect: bool = True,
+    ) -> AsyncGenerator[ServerSentEvent, None]:
+        """Start a session and iterate its events, from ``session_started`` to
+        ``session_ended``; see ``FleetClient.stream``. Break out with
+        ``contextlib.aclosing``."""
+        req = Requests.stream_session(
+            call_id,
+            params,
+            call_type,
+            resumable,
+            idempotency_key,
+            self.retries,
+            thread_id=thread_id,
+            close_on_disconnect=close_on_disconnect,
+        )
+        opening = Opening(req, self.url, reconnect)
+        while opening.follow is None:
+            resp: httpx.Response | None = None
+            try:
+                async with self._http.stream(
+                    req.method,
+                    req.path,
+                    json=req.body,
+                    headers=req.headers,
+                    timeout=self._stream_timeout(),
+                ) as resp:
+                    if resp.status_code != 200:
+                        await resp.aread()
+                    if (follow := opening.answered(resp)) is not None:
+                        async for chunk in resp.aiter_bytes():
+                            for event in follow.feed(chunk):
+                                yield event
+                            if follow.finished:
+                                return
+                        follow.ended_cleanly()
+            except httpx.TransportError as exc:
+                opening.cut(exc)
+            if opening.follow is None:
+                await asyncio.sleep(retry_delay(opening.attempt, resp))
+                opening.attempt += 1
+        follow = opening.follow
+        if follow.attempts:
+            await asyncio.sleep(follow.delay)
+        async for event in self._follow(follow):
+            yield event
+
+    async def _follow(self, follow: Follow) -> AsyncGenerator[ServerSentEvent, None]:
+        """Read ``follow``'s session's events until it is finished, reconnecting as it
+        says."""
         while not follow.finished:
             try:
                 async with self._http.stream(

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from fleet import __version__
+from fleet.client.errors import FleetAPIError, api_error
 from fleet.errors import FleetError
 from fleet.models import (
     Checkpoint,
@@ -26,6 +26,9 @@ from fleet.models import (
     SessionMetrics,
     SessionPage,
     State,
+    ThreadInfo,
+    ThreadMessageAccepted,
+    ThreadMessageReply,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -33,6 +36,7 @@ DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 # The server writes a comment line every 15 s on an idle stream: a stream silent for
 # much longer than that is dead, not idle.
 STREAM_READ_TIMEOUT = 60.0
+INVOKE_WAIT = 60.0  # seconds an invoke waits for the end by default (the node allows 300)
 WAIT_MARGIN = 10.0  # a close with ?wait=S may take S seconds plus a round trip or two
 RETRYABLE_STATUS = frozenset({502, 503, 504})  # a proxy or a draining node: try again
 START_RETRIES = 3  # a start is sent again up to this many times (it carries a key)
@@ -41,63 +45,6 @@ RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProt
 MAX_RETRY_DELAY = 5.0
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-
-
-# ---- errors ----------------------------------------------------------------------------
-
-
-class FleetAPIError(FleetError):
-    """A node answered with an error: ``status`` is the HTTP status, ``code`` the
-    machine-readable code from the body (``not_found``, ``draining``...)."""
-
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.code}: {self.detail}"
-
-
-class FleetConnectionError(FleetError):
-    """No answer: the node is down, the URL is wrong, or the request timed out."""
-
-    code = "unreachable"
-
-
-class NoReply(FleetError):
-    """``ask``: the wait ran out before the worker replied. The message is in the session's
-    inbox all the same (``message_id``); a late reply shows as a ``reply`` event. Raised,
-    not returned as ``None``, because ``None`` (JSON ``null``) is a reply like any other."""
-
-    code = "no_reply"
-
-    def __init__(self, message_id: str, waited: float) -> None:
-        super().__init__(f"no reply to message {message_id} within {waited:g}s")
-        self.message_id = message_id
-        self.waited = waited
-
-
-def api_error(resp: httpx.Response) -> FleetAPIError:
-    """The error a response stands for. fleet answers ``{"detail", "code"}``; a proxy in
-    front of it may answer HTML, which becomes ``http_<status>``."""
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and "detail" in body:
-        detail = body["detail"] if isinstance(body["detail"], str) else json.dumps(body["detail"])
-        return FleetAPIError(resp.status_code, str(body.get("code") or "http_error"), detail)
-    reason = resp.reason_phrase or "error"
-    return FleetAPIError(resp.status_code, f"http_{resp.status_code}", f"HTTP {reason}")
-
-
-def unreachable(url: str, exc: httpx.TransportError) -> FleetConnectionError:
-    if isinstance(exc, httpx.TimeoutException):
-        why = "timed out"
-    else:
-        why = str(exc) or type(exc).__name__
-    return FleetConnectionError(f"cannot reach {url}: {why}")
 
 
 # ---- answers that have no model in fleet.models ------------------------------------------
@@ -162,6 +109,10 @@ def session_path(call_id: str, session_id: str, tail: str = "") -> str:
     return f"/calls/{_seg(call_id)}/sessions/{_seg(session_id)}{tail}"
 
 
+def thread_path(thread_id: str, tail: str = "") -> str:
+    return f"/threads/{_seg(thread_id)}{tail}"
+
+
 def _clean(params: Mapping[str, str | int | float | None]) -> dict[str, str | int | float]:
     return {k: v for k, v in params.items() if v is not None}
 
@@ -176,6 +127,31 @@ def _message_answer(resp: httpx.Response) -> MessageReply | MessageAccepted:
     if resp.status_code == 200:
         return MessageReply.model_validate_json(resp.content)
     return MessageAccepted.model_validate_json(resp.content)
+
+
+def _thread_message_answer(resp: httpx.Response) -> ThreadMessageReply | ThreadMessageAccepted:
+    if resp.status_code == 200:
+        return ThreadMessageReply.model_validate_json(resp.content)
+    return ThreadMessageAccepted.model_validate_json(resp.content)
+
+
+def _start_body(
+    params: dict[str, Any] | None, call_type: str, resumable: bool, thread_id: str | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"call_type": call_type, "params": params or {}, "resumable": resumable}
+    if thread_id is not None:  # only when asked: older nodes refuse fields they do not know
+        body["thread_id"] = thread_id
+    return body
+
+
+def _events_path(call_id: str, resp: httpx.Response) -> str | None:
+    """``…/events`` of the session a stream on start names in ``Location``
+    (``/calls/{call_id}/sessions/{session_id}``); ``None`` without one."""
+    location = httpx.URL(resp.headers.get("location", "")).path
+    _, found, session_id = location.rpartition("/sessions/")
+    if not found or not session_id or "/" in session_id:
+        return None
+    return session_path(call_id, unquote(session_id), "/events")
 
 
 def _waiting(timeout: httpx.Timeout, wait: float | None) -> httpx.Timeout:
@@ -206,19 +182,56 @@ class Requests:
         resumable: bool,
         idempotency_key: str | None = None,
         retries: int = START_RETRIES,
+        *,
+        thread_id: str | None = None,
+        wait: float | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
     ) -> Request[SessionInfo]:
         """A start with an ``Idempotency-Key`` (a new UUID unless one is given), which
         makes it safe to send again: a repeat gets the first answer, never a second
-        session."""
-        body = {"call_type": call_type, "params": params or {}, "resumable": resumable}
-        path = f"/calls/{_seg(call_id)}/sessions"
+        session. With ``wait`` (an invoke) the node answers once the session has ended
+        or the wait ran out; a repeat then waits for the first attempt's session."""
         return Request(
             "POST",
-            path,
+            f"/calls/{_seg(call_id)}/sessions",
             _model(SessionInfo),
-            body=body,
+            params=_clean({"wait": wait}),
+            body=_start_body(params, call_type, resumable, thread_id),
+            timeout=_waiting(timeout, wait),
             answers=frozenset({201}),
             headers={"Idempotency-Key": idempotency_key or str(uuid.uuid4())},
+            retries=retries,
+        )
+
+    @staticmethod
+    def stream_session(
+        call_id: str,
+        params: dict[str, Any] | None,
+        call_type: str,
+        resumable: bool,
+        idempotency_key: str | None,
+        retries: int,
+        *,
+        thread_id: str | None,
+        close_on_disconnect: bool,
+    ) -> Request[str | None]:
+        """A start whose answer is the new session's event stream. Safe to send again as
+        any start is, until the stream opens; the answer read here is the path of the
+        session's ``…/events`` (from ``Location``), where a cut stream resumes."""
+        body = _start_body(params, call_type, resumable, thread_id)
+        if close_on_disconnect:
+            body["close_on_disconnect"] = True
+        headers = {
+            "Idempotency-Key": idempotency_key or str(uuid.uuid4()),
+            "Accept": "text/event-stream",
+            "Cache-Control": "no-cache",
+        }
+        return Request(
+            "POST",
+            f"/calls/{_seg(call_id)}/sessions",
+            lambda resp: _events_path(call_id, resp),
+            body=body,
+            headers=headers,
             retries=retries,
         )
 
@@ -269,6 +282,46 @@ class Requests:
             "POST",
             session_path(call_id, session_id, "/messages"),
             _message_answer,
+            params=_clean({"wait": wait}),
+            body=body,
+            timeout=_waiting(timeout, wait),
+            answers=frozenset({200, 202}),
+            retries=retries,
+        )
+
+    @staticmethod
+    def get_thread(thread_id: str, limit: int | None, cursor: str | None) -> Request[ThreadInfo]:
+        params = _clean({"limit": limit, "cursor": cursor})
+        return Request("GET", thread_path(thread_id), _model(ThreadInfo), params=params)
+
+    @staticmethod
+    def delete_thread(thread_id: str) -> Request[None]:
+        return Request("DELETE", thread_path(thread_id), lambda _: None, answers=frozenset({204}))
+
+    @staticmethod
+    def send_to_thread(
+        thread_id: str,
+        data: Any,
+        type: str,
+        id: str | None,
+        call_id: str | None,
+        params: dict[str, Any] | None,
+        wait: float | None,
+        timeout: httpx.Timeout,
+        retries: int = START_RETRIES,
+    ) -> Request[ThreadMessageReply | ThreadMessageAccepted]:
+        """A message to a thread, with an id (a new UUID unless one is given): a repeat
+        reaches the session the first attempt reached (or started), whose inbox keeps one
+        message per id."""
+        body: dict[str, Any] = {"type": type, "data": data, "id": id or str(uuid.uuid4())}
+        if call_id is not None:
+            body["call_id"] = call_id
+        if params is not None:
+            body["params"] = params
+        return Request(
+            "POST",
+            thread_path(thread_id, "/messages"),
+            _thread_message_answer,
             params=_clean({"wait": wait}),
             body=body,
             timeout=_waiting(timeout, wait),

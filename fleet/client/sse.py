@@ -1,5 +1,5 @@
-"""Server-Sent Events as the clients read them: a decoder, and a follower that resumes a
-cut stream where it stopped."""
+"""Server-Sent Events as the clients read them: a decoder, a follower that resumes a cut
+stream where it stopped, and the attempts at a stream that a start opens."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
+from fleet.client.base import RETRYABLE_ERRORS, Request, answer, worth_retrying
+from fleet.client.errors import api_error, unreachable
 from fleet.errors import FleetError
 
 # ---- Server-Sent Events ------------------------------------------------------------------
@@ -114,6 +118,14 @@ class Follow:
     fresh: int = 0  # events seen on the current connection
     decoder: SSEDecoder = field(default_factory=SSEDecoder)
 
+    @classmethod
+    def opened(cls, path: str | None, reconnect: bool) -> Follow:
+        """The policy of a stream that is open already (a start's own): it resumes at
+        ``path`` (``None``: nowhere, a cut stream is not resumed)."""
+        follow = cls(path or "", None, reconnect and path is not None)
+        follow.open()
+        return follow
+
     def open(self) -> dict[str, str]:
         """Headers for a new connection."""
         self.decoder = SSEDecoder(self.last_event_id, self.retry_ms)
@@ -147,3 +159,33 @@ class Follow:
     def delay(self) -> float:
         base = self.retry_ms / 1000 if self.retry_ms is not None else 0.5
         return float(min(5.0, base * max(1, self.attempts)))
+
+
+@dataclass
+class Opening:
+    """The attempts of ``stream()``, shared by both clients: the start is sent again, as
+    any start is, until its stream opens; from then on ``follow`` resumes it."""
+
+    req: Request[str | None]
+    url: str
+    reconnect: bool
+    attempt: int = 0  # attempts that failed before this one
+    follow: Follow | None = None
+
+    def answered(self, resp: httpx.Response) -> Follow | None:
+        """The follower of the stream that opened, or ``None`` if another attempt is due;
+        raises the error the answer stands for when none is."""
+        if resp.status_code == 200:
+            self.follow = Follow.opened(answer(self.req, resp), self.reconnect)
+            return self.follow
+        if self.attempt >= self.req.retries or not worth_retrying(resp):
+            raise api_error(resp)
+        return None
+
+    def cut(self, exc: httpx.TransportError) -> None:
+        """No answer, or the open stream was cut: raise unless another attempt is due."""
+        error = unreachable(self.url, exc)
+        if self.follow is not None:
+            self.follow.failed(error)
+        elif self.attempt >= self.req.retries or not isinstance(exc, RETRYABLE_ERRORS):
+            raise error from exc

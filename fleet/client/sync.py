@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from fleet.client.base import (
+    INVOKE_WAIT,
     RETRYABLE_ERRORS,
     RETRYABLE_STATUS,
     START_RETRIES,
@@ -16,19 +17,17 @@ from fleet.client.base import (
     Health,
     MessageAccepted,
     MessageReply,
-    NoReply,
     Readiness,
     Request,
     Requests,
     T,
     answer,
-    api_error,
     retry_delay,
     session_path,
-    unreachable,
     worth_retrying,
 )
-from fleet.client.sse import Follow, ServerSentEvent
+from fleet.client.errors import NoReply, api_error, unreachable
+from fleet.client.sse import Follow, Opening, ServerSentEvent
 from fleet.models import (
     Checkpoint,
     CloseAccepted,
@@ -37,6 +36,9 @@ from fleet.models import (
     SessionMetrics,
     SessionPage,
     State,
+    ThreadInfo,
+    ThreadMessageAccepted,
+    ThreadMessageReply,
 )
 
 
@@ -99,15 +101,55 @@ class FleetClient(ClientBase):
         call_type: str = "default",
         resumable: bool = True,
         *,
+        thread_id: str | None = None,
         idempotency_key: str | None = None,
     ) -> SessionInfo:
-        """Start a session of the node's worker in ``call_id``. The start carries an
-        ``Idempotency-Key`` (``idempotency_key``, or a new UUID), so it is sent again
-        safely when no answer comes or a proxy or a draining node refuses it (up to
-        ``retries`` times): however many attempts reach a node, one session starts.
-        Pass the same ``idempotency_key`` to retry a start yourself later."""
+        """Start a session of the node's worker in ``call_id``; with ``thread_id``, on
+        that thread, from its latest state (409 ``thread_busy`` while another session
+        runs on it). The start carries an ``Idempotency-Key`` (``idempotency_key``, or a
+        new UUID), so it is sent again safely when no answer comes or a proxy or a
+        draining node refuses it (up to ``retries`` times): however many attempts reach a
+        node, one session starts. Pass the same ``idempotency_key`` to retry a start
+        yourself later."""
         req = Requests.start_session(
-            call_id, params, call_type, resumable, idempotency_key, self.retries
+            call_id,
+            params,
+            call_type,
+            resumable,
+            idempotency_key,
+            self.retries,
+            thread_id=thread_id,
+            timeout=self.timeout,
+        )
+        return self._send(req)
+
+    def invoke(
+        self,
+        call_id: str,
+        *,
+        params: dict[str, Any] | None = None,
+        call_type: str = "default",
+        thread_id: str | None = None,
+        wait: float = INVOKE_WAIT,
+        idempotency_key: str | None = None,
+    ) -> SessionInfo:
+        """Start a session and wait up to ``wait`` seconds (at most 300) for its end: the
+        ended ``SessionInfo``, with ``end_reason`` and ``result`` (what the worker's
+        ``run`` returned). If it still runs when the wait is over, the session as it runs
+        (``state`` is not ``ended``: follow it, read it later, or close it). Retried as a
+        start is, with one ``Idempotency-Key`` (``idempotency_key`` or a new UUID): an
+        attempt cut off (its node killed, say) is sent again, reaches the same session
+        wherever it runs now, and waits for its end; each attempt waits up to ``wait``."""
+        req = Requests.start_session(
+            call_id,
+            params,
+            call_type,
+            True,
+            idempotency_key,
+            self.retries,
+            thread_id=thread_id,
+            wait=wait,
+            timeout=self.timeout,
         )
         return self._send(req)
 
@@ -189,6 +231,42 @@ class FleetClient(ClientBase):
             return answer.reply
         raise NoReply(answer.message_id, timeout)
 
+    def thread(
+        self, thread_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> ThreadInfo:
+        """The thread: its latest state, the session running on it (``live_session``),
+        and its sessions, newest first (``limit`` a page, 20 by default; ``next_cursor``
+        asks for the next). 404 ``not_found`` for a thread that is not (or no longer)
+        yours."""
+        return self._send(Requests.get_thread(thread_id, limit, cursor))
+
+    def delete_thread(self, thread_id: str) -> None:
+        """Forget the thread (its state and its list of sessions). Refused with 409
+        ``thread_busy`` while a session runs on it: close that session first."""
+        self._send(Requests.delete_thread(thread_id))
+
+    def send_to_thread(
+        self,
+        thread_id: str,
+        data: Any,
+        *,
+        type: str = "message",
+        id: str | None = None,
+        call_id: str | None = None,
+        params: dict[str, Any] | None = None,
+        wait: float | None = None,
+    ) -> ThreadMessageReply | ThreadMessageAccepted:
+        """Send ``data`` to the session running on the thread, or, when none runs, start
+        one on it (in ``call_id``, default the thread's id, with ``params``) and deliver
+        this message to it first (``started`` says which). With ``wait``, wait up to that
+        many seconds for the reply: ``ThreadMessageReply``, or ``ThreadMessageAccepted``
+        if the wait ran out. Retried as ``send`` is, with the same ``id`` (or a new
+        UUID): a repeat reaches the same session, which holds the message once."""
+        req = Requests.send_to_thread(
+            thread_id, data, type, id, call_id, params, wait, self.timeout, self.retries
+        )
+        return self._send(req)
+
     def get_checkpoint(
         self, call_id: str, session_id: str, version: int | None = None
     ) -> Checkpoint:
@@ -220,6 +298,69 @@ class FleetClient(ClientBase):
         ``session_ended``. A cut stream is resumed where it stopped, on whatever node
         answers. Break out early with ``contextlib.closing`` to free the connection."""
         follow = Follow(session_path(call_id, session_id, "/events"), last_event_id, reconnect)
+        yield from self._follow(follow)
+
+    def stream(
+        self,
+        call_id: str,
+        *,
+        params: dict[str, Any] | None = None,
+        call_type: str = "default",
+        thread_id: str | None = None,
+        resumable: bool = True,
+        close_on_disconnect: bool = False,
+        idempotency_key: str | None = None,
+        reconnect: bool = True,
+    ) -> Generator[ServerSentEvent, None, None]:
+        """Start a session and iterate its events, from ``session_started`` to
+        ``session_ended`` (whose data holds the ``end_reason`` and, if any, the
+        ``result``), in one request. Until the stream opens, the start is retried as
+        ``start_session`` is (one ``Idempotency-Key``: one session). A stream cut after
+        that is resumed from ``…/events`` with ``Last-Event-ID``, as ``events`` does. The
+        session runs on if you leave early, unless ``close_on_disconnect`` (then leaving,
+        or a cut connection, closes it). Break out with ``contextlib.closing``."""
+        req = Requests.stream_session(
+            call_id,
+            params,
+            call_type,
+            resumable,
+            idempotency_key,
+            self.retries,
+            thread_id=thread_id,
+            close_on_disconnect=close_on_disconnect,
+        )
+        opening = Opening(req, self.url, reconnect)
+        while opening.follow is None:
+            resp: httpx.Response | None = None
+            try:
+                with self._http.stream(
+                    req.method,
+                    req.path,
+                    json=req.body,
+                    headers=req.headers,
+                    timeout=self._stream_timeout(),
+                ) as resp:
+                    if resp.status_code != 200:
+                        resp.read()
+                    if (follow := opening.answered(resp)) is not None:
+                        for chunk in resp.iter_bytes():
+                            yield from follow.feed(chunk)
+                            if follow.finished:
+                                return
+                        follow.ended_cleanly()
+            except httpx.TransportError as exc:
+                opening.cut(exc)
+            if opening.follow is None:
+                time.sleep(retry_delay(opening.attempt, resp))
+                opening.attempt += 1
+        follow = opening.follow
+        if follow.attempts:
+            time.sleep(follow.delay)
+        yield from self._follow(follow)
+
+    def _follow(self, follow: Follow) -> Generator[ServerSentEvent, None, None]:
+        """Read ``follow``'s session's events until it is finished, reconnecting as it
+        says."""
         while not follow.finished:
             try:
                 with self._http.stream(
