@@ -354,7 +354,7 @@ def test_run_prints_every_event_and_exits_when_the_session_ends() -> None:
         "session_ended",
     ]
     assert [e["data"] for e in events[1:4]] == [{"n": 1}, {"n": 2}, {"n": 3}]
-    assert events[-1]["data"] == {"end_reason": "completed"}
+    assert events[-1]["data"] == {"end_reason": "completed", "result": {"n": 3}}
 
 
 def test_run_closes_the_session_on_ctrl_c() -> None:
@@ -367,7 +367,7 @@ def test_run_closes_the_session_on_ctrl_c() -> None:
     assert proc.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]
     assert [e["event"] for e in events] == ["session_closing", "session_ended"]
-    assert events[-1]["data"] == {"end_reason": "closed"}
+    assert events[-1]["data"] == {"end_reason": "closed", "result": {"n": 0}}
 
 
 def test_help_is_plain_text() -> None:

@@ -99,7 +99,7 @@ async def test_sse_replays_follows_and_ends(served: Served) -> None:
         "session_ended",
     ]
     assert ticks(events) == [1, 2, 3]
-    assert json.loads(events[-1]["data"]) == {"end_reason": "completed"}
+    assert json.loads(events[-1]["data"]) == {"end_reason": "completed", "result": {"n": 3}}
     ids = [order(e["id"]) for e in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
@@ -224,7 +224,8 @@ async def test_websocket_events_close_request_and_after(served: Served) -> None:
     assert {"type": "closing"} in rest
     events = [first, *(m for m in rest if "event" in m)]
     assert events[-1]["event"] == "session_ended"
-    assert events[-1]["data"] == {"end_reason": "closed"}
+    ended = events[-1]["data"]
+    assert ended["end_reason"] == "closed" and ended["result"]["n"] >= 1  # ticks on to the close
     assert "session_closing" in [e["event"] for e in events]
 
     async with connect(f"{url}?after={events[1]['id']}") as ws:

@@ -68,7 +68,10 @@ async def test_listener_on_another_node_gets_every_tick_in_order() -> None:
         assert events[0]["event"] == "session_started"
         assert ticks(events) == list(range(1, 41))
         assert events[-1]["event"] == "session_ended"
-        assert json.loads(events[-1]["data"]) == {"end_reason": "completed"}
+        assert json.loads(events[-1]["data"]) == {
+            "end_reason": "completed",
+            "result": {"n": 40},
+        }
         ids = [tuple(map(int, e["id"].split("-"))) for e in events]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
