@@ -263,7 +263,9 @@ class Threads:
 
     async def _repair(self, principal: str, thread_id: str, claim: Claim) -> bool:
         """Release the thread if the session holding it is over: ended, or never started
-        (no record ``START_GRACE`` seconds after the claim). True if released now."""
+        (no record ``START_GRACE`` seconds after the claim). True if the holder is over,
+        whoever released the thread: its own end releases it too, a moment after its
+        record reads ended."""
         record = await self.registry.get(*split_ref(claim.live))
         if record is not None and record.state != State.ENDED:
             return False
@@ -272,16 +274,11 @@ class Threads:
             age = seconds + micros / 1e6 - claim.live_since_ms / 1000
             if age < START_GRACE:
                 return False  # a start in flight
-        released = await self.registry.release_thread(principal, thread_id, claim.live)
-        if released:
-            why = "ended" if record is not None else "never started"
-            log.warning(
-                "thread %s was held by session %s, which %s: released",
-                thread_id,
-                claim.live,
-                why,
-            )
-        return released
+        if await self.registry.release_thread(principal, thread_id, claim.live):
+            # An ended holder is most often a race with its own release, not a crash.
+            level, why = (logging.INFO, "ended") if record else (logging.WARNING, "never started")
+            log.log(level, "thread %s released: its session %s %s", thread_id, claim.live, why)
+        return True
 
     @staticmethod
     def busy(thread_id: str, live: str) -> ThreadBusy:
