@@ -214,13 +214,13 @@ async def test_a_claim_whose_start_never_happened_is_repaired_by_the_next_reques
     """A node that claimed the thread and died before it created the session leaves the
     thread marked busy by a session that does not exist: refused while the start may
     still be under way, released by the next request once START_GRACE has passed."""
-    monkeypatch.setattr(runtime_threads, "START_GRACE", 0.5)
+    monkeypatch.setattr(runtime_threads, "START_GRACE", 2.0)
     async with api_node(make_settings(worker=REMEMBER), redis) as (client, node):
         ghost = make_ref("c", "never-started")
         assert (await node.registry.claim_thread("anonymous", "t1", ghost)).claimed
         refused = await start(client)
         assert refused.status_code == 409 and "never-started" in refused.json()["detail"]
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(2.1)
         assert (await invoke(client))["result"]["n"] == 1
 
 

