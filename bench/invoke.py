@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from bench.start_throughput import WRK, WrkResult, run_wrk
+from bench.start_throughput import WRK, WrkResult, run_wrk, wrk_script
 
 NAME = "invoke"
 TITLE = "invoke: sessions as calls, and sends that start a thread's session"
@@ -58,33 +58,7 @@ SETTINGS = {
     "FLEET_LOG_LEVEL": "warning",
 }
 INVOKE_BODY: dict[str, Any] = {"params": {}}
-LUA = """\
--- POST an invoke (?wait=5) to /calls/<prefix>-<i>/sessions, cycling over 1,000 calls.
-local calls = 1000
-local requests = {}
-local i = 0
-function init(args)
-  local prefix = args[1] or "wrk"
-  local headers = {["Content-Type"] = "application/json"}
-  local body = '{"params":{}}'
-  for c = 0, calls - 1 do
-    requests[c] = wrk.format("POST", "/calls/" .. prefix .. "-" .. c .. "/sessions?wait=5",
-                             headers, body)
-  end
-end
-function request()
-  i = (i + 1) % calls
-  return requests[i]
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "RESULT requests=%d duration_us=%d connect=%d read=%d write=%d status=%d timeout=%d\\n",
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout))
-  io.write(string.format("LATENCY p50=%d p90=%d p99=%d max=%d\\n",
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
-end
-"""
+LUA = wrk_script("an invoke (?wait=5)", "?wait=5", '{"params":{}}')
 
 
 @dataclass(frozen=True)

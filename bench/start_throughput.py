@@ -43,17 +43,25 @@ SETTINGS = {
     "FLEET_MAINTENANCE_INTERVAL": "5",
     "FLEET_LOG_LEVEL": "warning",
 }
-LUA = """\
--- POST a start to /calls/<prefix>-<i>/sessions, cycling over 1,000 calls.
+
+
+def wrk_script(what: str, query: str, body: str) -> str:
+    """A wrk Lua script that POSTs ``body`` to ``/calls/<prefix>-<i>/sessions<query>``,
+    cycling over 1,000 calls, and prints the summary lines ``run_wrk`` parses."""
+    return _WRK_SCRIPT.replace("@WHAT@", what).replace("@QUERY@", query).replace("@BODY@", body)
+
+
+_WRK_SCRIPT = """\
+-- POST @WHAT@ to /calls/<prefix>-<i>/sessions@QUERY@, cycling over 1,000 calls.
 local calls = 1000
 local requests = {}
 local i = 0
 function init(args)
   local prefix = args[1] or "wrk"
   local headers = {["Content-Type"] = "application/json"}
-  local body = '{"params":{"interval":3600}}'
+  local body = '@BODY@'
   for c = 0, calls - 1 do
-    requests[c] = wrk.format("POST", "/calls/" .. prefix .. "-" .. c .. "/sessions",
+    requests[c] = wrk.format("POST", "/calls/" .. prefix .. "-" .. c .. "/sessions@QUERY@",
                              headers, body)
   end
 end
@@ -70,6 +78,7 @@ function done(summary, latency, requests)
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
 end
 """
+LUA = wrk_script("a start", "", '{"params":{"interval":3600}}')
 _KV = re.compile(r"(\w+)=(\d+)")
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import functools
 import json
 import logging
 import secrets
@@ -50,6 +52,15 @@ START_GRACE = 10.0
 BUSY_POLL = 0.02
 #: ... for at most this long (then 409 ``thread_busy``).
 BUSY_WAIT = START_GRACE + 5.0
+
+
+class Holder(enum.StrEnum):
+    """What became of the session a busy thread is claimed for."""
+
+    RUNNING = "runs"
+    STARTING = "is starting"  # no record yet, within START_GRACE of the claim
+    ENDED = "ended"
+    ABANDONED = "never started"  # no record START_GRACE after the claim
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,10 @@ class Threads:
         if thread_id is None:
             return await self._start(call_id, call_type, params, principal, resumable, once=once)
         session_id = secrets.token_hex(16)
-        claim = await self._claim(principal, thread_id, make_ref(call_id, session_id))
+        ref = make_ref(call_id, session_id)
+        claim = await self.registry.claim_thread(principal, thread_id, ref)
+        if not claim.claimed and await self._repaired(principal, thread_id, claim):
+            claim = await self.registry.claim_thread(principal, thread_id, ref)
         if not claim.claimed:
             raise self.busy(thread_id, claim.live)
         record = await self._start_claimed(
@@ -145,55 +159,46 @@ class Threads:
         deadline = loop.time() + BUSY_WAIT
         while True:
             session_id = secrets.token_hex(16)
-            claim = await self._claim(principal, thread_id, make_ref(call_id, session_id))
+            claim = await self.registry.claim_thread(
+                principal, thread_id, make_ref(call_id, session_id)
+            )
+            appended: Callable[[], Awaitable[None]] | None = None
             if claim.claimed:
                 record = await self._start_claimed(
                     claim, call_id, "default", params, principal, True, thread_id, session_id
                 )
-
-                async def started(record: SessionRecord = record) -> None:
-                    await self._mark_started(record)
-
+                target = (call_id, session_id)
+                appended = functools.partial(self._mark_started, record)
+            else:
+                # A holder marked started is sent to at once; should it turn out to be over,
+                # the send says so and the thread is repaired then.
+                holder = Holder.RUNNING if claim.live_started else await self._holder(claim)
+                if holder in (Holder.ENDED, Holder.ABANDONED):
+                    await self._release(principal, thread_id, claim, holder)
+                    continue
+                if holder is Holder.STARTING:  # a racing send is starting the session
+                    if loop.time() >= deadline:
+                        raise self.busy(thread_id, claim.live)
+                    await asyncio.sleep(BUSY_POLL)
+                    continue
+                target = split_ref(claim.live)
+            try:
                 sent = await self._conversations.send(
-                    call_id,
-                    session_id,
+                    *target,
                     type,
                     data_json,
                     client_id=client_id,
                     wait=wait,
                     principal=principal,
-                    appended=started,
+                    appended=appended,
                 )
-                return ThreadSend(call_id, session_id, sent, started=True)
-            holder_call, holder_id = split_ref(claim.live)
-            if claim.live_started or await self._running(claim):
-                try:
-                    sent = await self._conversations.send(
-                        holder_call,
-                        holder_id,
-                        type,
-                        data_json,
-                        client_id=client_id,
-                        wait=wait,
-                        principal=principal,
-                    )
-                    return ThreadSend(holder_call, holder_id, sent, started=False)
-                except (SessionEnded, SessionNotFound):
-                    if await self._repair(principal, thread_id, claim):
-                        continue
-                    raise
-            if loop.time() >= deadline:
-                raise self.busy(thread_id, claim.live)
-            await asyncio.sleep(BUSY_POLL)  # a racing send is starting the session
+            except (SessionEnded, SessionNotFound):
+                if not claim.claimed and await self._repaired(principal, thread_id, claim):
+                    continue
+                raise
+            return ThreadSend(*target, sent, started=claim.claimed)
 
     # -- the steps ----------------------------------------------------------------------
-    async def _claim(self, principal: str, thread_id: str, ref: str) -> Claim:
-        """Claim the thread for ``ref``; a holder found over is released first, once."""
-        claim = await self.registry.claim_thread(principal, thread_id, ref)
-        if not claim.claimed and await self._repair(principal, thread_id, claim):
-            claim = await self.registry.claim_thread(principal, thread_id, ref)
-        return claim
-
     async def _start_claimed(
         self,
         claim: Claim,
@@ -255,30 +260,32 @@ class Threads:
             await self.registry.expire_checkpoints(sorted(stale))
 
     # -- repairs ------------------------------------------------------------------------
-    async def _running(self, claim: Claim) -> bool:
-        """Whether the claim's session runs although it is not marked started (its
-        starter died between the start and the mark)."""
+    async def _holder(self, claim: Claim) -> Holder:
+        """What became of the session a busy thread is claimed for: its record, and for a
+        session with no record, how long ago the claim was made (Redis' clock)."""
         record = await self.registry.get(*split_ref(claim.live))
-        return record is not None and record.state != State.ENDED
+        if record is not None:
+            return Holder.ENDED if record.state == State.ENDED else Holder.RUNNING
+        seconds, micros = await self.registry.redis.time()
+        age = seconds + micros / 1e6 - claim.live_since_ms / 1000
+        return Holder.ABANDONED if age >= START_GRACE else Holder.STARTING
 
-    async def _repair(self, principal: str, thread_id: str, claim: Claim) -> bool:
+    async def _repaired(self, principal: str, thread_id: str, claim: Claim) -> bool:
         """Release the thread if the session holding it is over: ended, or never started
         (no record ``START_GRACE`` seconds after the claim). True if the holder is over,
         whoever released the thread: its own end releases it too, a moment after its
         record reads ended."""
-        record = await self.registry.get(*split_ref(claim.live))
-        if record is not None and record.state != State.ENDED:
+        holder = await self._holder(claim)
+        if holder not in (Holder.ENDED, Holder.ABANDONED):
             return False
-        if record is None:
-            seconds, micros = await self.registry.redis.time()
-            age = seconds + micros / 1e6 - claim.live_since_ms / 1000
-            if age < START_GRACE:
-                return False  # a start in flight
+        await self._release(principal, thread_id, claim, holder)
+        return True
+
+    async def _release(self, principal: str, thread_id: str, claim: Claim, holder: Holder) -> None:
         if await self.registry.release_thread(principal, thread_id, claim.live):
             # An ended holder is most often a race with its own release, not a crash.
-            level, why = (logging.INFO, "ended") if record else (logging.WARNING, "never started")
-            log.log(level, "thread %s released: its session %s %s", thread_id, claim.live, why)
-        return True
+            level = logging.INFO if holder is Holder.ENDED else logging.WARNING
+            log.log(level, "thread %s released: its session %s %s", thread_id, claim.live, holder)
 
     @staticmethod
     def busy(thread_id: str, live: str) -> ThreadBusy:

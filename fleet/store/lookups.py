@@ -47,6 +47,12 @@ class Lookups(Nodes):
             out += [(entry_id, f["type"], f["data"]) for entry_id, f in entries]
         return out
 
+    async def get_refs(self, refs: Iterable[str]) -> list[SessionRecord | None]:
+        """The records of several sessions (refs), in one round trip; ``None`` for each
+        that does not exist (any more)."""
+        raws = await self._records(self.keys.session(*split_ref(ref)) for ref in refs)
+        return [SessionRecord.from_hash(raw) if raw else None for raw in raws]
+
     async def _records(self, keys: Iterable[str]) -> list[dict[str, str] | None]:
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:

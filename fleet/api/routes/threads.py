@@ -82,10 +82,11 @@ async def get_thread(
     checkpoint = Checkpoint.model_validate_json(envelope) if envelope else None
     offset = int(cursor or 0)
     rows = await node.registry.thread_sessions(principal.name, thread_id, offset, limit + 1)
+    page = rows[:limit]
+    records = await node.registry.get_refs(ref for ref, _ in page)  # one round trip
     sessions = []
-    for ref, started_at in rows[:limit]:
+    for (ref, started_at), record in zip(page, records, strict=True):
         call_id, session_id = split_ref(ref)
-        record = await node.registry.get(call_id, session_id)
         sessions.append(
             ThreadSession(
                 call_id=call_id,
