@@ -146,11 +146,13 @@ class Threads(StoreBase):
     async def state_envelope(self, *refs: str) -> tuple[str, str | None]:
         """The first of ``refs`` that has a checkpoint, and its latest envelope; ("",
         None) if none has."""
-        for ref in refs:
-            if ref:
-                found = await self.redis.lindex(self.keys.checkpoint(*split_ref(ref)), 0)
-                if found is not None:
-                    return ref, str(found)
+        wanted = [ref for ref in refs if ref]
+        pipe = self.redis.pipeline(transaction=False)  # one round trip for them all
+        for ref in wanted:
+            pipe.lindex(self.keys.checkpoint(*split_ref(ref)), 0)
+        for ref, found in zip(wanted, await pipe.execute() if wanted else [], strict=True):
+            if found is not None:
+                return ref, str(found)
         return "", None
 
     async def expire_checkpoints(self, refs: list[str]) -> None:
