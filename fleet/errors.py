@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FleetError(Exception):
     """Root of every error fleet raises on purpose. ``code`` is the machine-readable name."""
@@ -41,9 +43,20 @@ class UnsupportedMediaType(FleetError):
 
 
 class InvalidParams(FleetError):
-    """The worker refused the session's ``params``."""
+    """The worker refused the session's ``params``. ``errors``: one entry per field that
+    is wrong (``loc``, ``msg``, ``type``), when the worker's ``Params`` model said which."""
 
     code = "invalid_params"
+
+    def __init__(self, detail: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(detail)
+        self.errors = errors or []
+
+
+class UnknownWorker(FleetError):
+    """No live node runs the worker a start names."""
+
+    code = "unknown_worker"
 
 
 class SessionNotFound(FleetError):
@@ -113,6 +126,14 @@ class CheckpointTooLarge(FleetError):
 
 class EventTooLarge(FleetError):
     code = "event_too_large"
+
+
+class CannotMigrate(FleetError):
+    """A migration that cannot happen: ``not_resumable`` or ``no_target``."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
 
 
 class ThreadBusy(FleetError):

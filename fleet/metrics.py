@@ -125,7 +125,13 @@ def init_labels() -> None:
             SESSIONS_ACTIVE.labels(state.value)
     for reason in EndReason:
         SESSIONS_ENDED.labels(reason.value)
-    for code in ("max_sessions_per_call", "max_sessions", "node_capacity", "draining", "not_ready"):
+    for code in (
+        "max_sessions_per_call",
+        "max_sessions",
+        "no_capacity",
+        "start_failed",
+        "not_ready",
+    ):
         ADMISSION_REJECTED.labels(code)
     for result in ("ok", "stale", "too_large", "error"):
         CHECKPOINTS.labels(result)

@@ -46,6 +46,7 @@ class SessionRecord:
     node_id: str
     params: dict[str, Any] = field(default_factory=dict)
     principal: str = ""
+    worker: str = ""  # the named worker it runs; "" (records of older nodes): the default
     state: str = State.STARTING
     epoch: int = 1
     started_at: float = 0.0
@@ -97,6 +98,7 @@ class SessionRecord:
             node_id=raw.get("node_id", ""),
             params=json.loads(raw.get("params", "{}")),
             principal=raw.get("principal", ""),
+            worker=raw.get("worker", ""),
             state=raw.get("state", State.STARTING),
             epoch=int(raw.get("epoch", "1")),
             started_at=float(raw.get("started_at", "0")),
@@ -122,6 +124,7 @@ class SessionRecord:
             session_id=self.session_id,
             call_id=self.call_id,
             call_type=self.call_type,
+            worker=self.worker,
             node_id=self.node_id,
             state=State(self.state),
             session_started_at=self.started_at,
@@ -145,6 +148,7 @@ class SessionInfo(BaseModel):
     session_id: str
     call_id: str
     call_type: str
+    worker: str = Field(default="", description="The named worker the session runs.")
     node_id: str = Field(description="The node that runs (or last ran) the session.")
     state: State
     session_started_at: float
@@ -214,10 +218,34 @@ class NodeInfo(BaseModel):
     capacity: int | None
     draining: bool
     version: str
+    workers: list[str] = Field(default_factory=list, description="The workers it runs.")
 
 
 class NodeList(BaseModel):
     nodes: list[NodeInfo]
+
+
+class WorkerInfo(BaseModel):
+    """A named worker, as ``GET /workers`` shows it."""
+
+    name: str
+    description: str = Field(description="The first line of the worker's docstring.")
+    resumable: bool = Field(description="Whether its sessions resume elsewhere on failover.")
+    migratable: bool = Field(description="Whether a draining node hands its sessions off at once.")
+    inbox: str = Field(description="Its inbox policy: queue, reject or interrupt.")
+    params_schema: dict[str, Any] | None = Field(
+        description="The JSON schema of its Params model; null when it declares none."
+    )
+    nodes: list[str] = Field(description="The live nodes that run it.")
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerInfo]
+
+
+class MigrateAccepted(BaseModel):
+    state: Literal["migrating"] = "migrating"
+    node_id: str = Field(description="The node the session is moving away from.")
 
 
 class ThreadSession(BaseModel):

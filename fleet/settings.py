@@ -41,7 +41,13 @@ class Settings(BaseSettings):
 
     redis_url: SecretStr | None = None
     node_id: str = Field(default_factory=default_node_id)
-    worker: str = "fleet.workers.counter:Counter"
+    #: ``module:attr``, or several named ones: ``name=module:attr,name=module:attr`` (the
+    #: first is the default; a bare ``module:attr`` is named after its attr).
+    worker: str = "counter=fleet.workers.counter:Counter"
+    #: Where a start goes when the node asked can take it: ``local`` (there; elsewhere
+    #: only when it cannot) or ``spread`` (the node with the most room, the asked one on a
+    #: tie).
+    placement: Literal["local", "spread"] = "local"
     key_prefix: str = "fleet"
     api_keys: SecretStr | None = None
     allow_unauthenticated: bool = False
@@ -96,9 +102,7 @@ class Settings(BaseSettings):
     @field_validator("worker")
     @classmethod
     def _worker_is_import_string(cls, value: str) -> str:
-        module, sep, attr = value.partition(":")
-        if not sep or not module or not attr:
-            raise ValueError(f"must be 'module:attr', got {value!r}")
+        parse_workers(value)
         return value
 
     @field_validator("api_keys")
@@ -137,6 +141,38 @@ class Settings(BaseSettings):
             return not ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return self.host != "localhost"
+
+
+WORKER_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+_WORKER_NAME_RE = re.compile(WORKER_NAME_PATTERN)
+
+
+def parse_workers(raw: str) -> list[tuple[str, str]]:
+    """(name, import string) pairs of ``FLEET_WORKER``, the default first. A bare
+    ``module:attr`` is named after its attr (the last part of a dotted one)."""
+    pairs: list[tuple[str, str]] = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, target = item.partition("=")
+        if not sep:
+            name, target = "", item
+        name, target = name.strip(), target.strip()
+        module, colon, attr = target.partition(":")
+        if not colon or not module or not attr:
+            raise ValueError(
+                f"each worker must be 'module:attr' or 'name=module:attr', got {item!r}"
+            )
+        name = name or attr.rpartition(".")[2]
+        if not _WORKER_NAME_RE.match(name):
+            raise ValueError(f"worker name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ -")
+        if any(name == seen for seen, _ in pairs):
+            raise ValueError(f"worker name {name!r} is given twice")
+        pairs.append((name, target))
+    if not pairs:
+        raise ValueError("name at least one worker")
+    return pairs
 
 
 def parse_api_keys(raw: str) -> list[tuple[str, str]]:

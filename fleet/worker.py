@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
-from fleet.errors import WorkerLoadError
+import pydantic
+
+from fleet.errors import InvalidParams, WorkerLoadError
+from fleet.settings import parse_workers
 
 InboxPolicy = Literal["queue", "reject", "interrupt"]
 INBOX_POLICIES: tuple[InboxPolicy, ...] = ("queue", "reject", "interrupt")
@@ -123,10 +126,14 @@ WorkerFactory = Callable[[], Worker]
 
 
 class WorkerSpec:
-    """A loaded ``module:attr``: makes one worker per session and knows its options."""
+    """A loaded ``module:attr`` under its name: makes one worker per session and knows its
+    options (``resumable``, ``inbox``, ``migratable``, ``Params``)."""
 
-    def __init__(self, import_string: str, factory: WorkerFactory, template: Any) -> None:
+    def __init__(
+        self, import_string: str, factory: WorkerFactory, template: Any, name: str = ""
+    ) -> None:
         self.import_string = import_string
+        self.name = name or import_string.rpartition(":")[2].rpartition(".")[2]
         self._factory = factory
         self._template = template
         if self.inbox not in INBOX_POLICIES:
@@ -134,6 +141,15 @@ class WorkerSpec:
                 f"worker {import_string!r}: inbox = {self.inbox!r}; it must be one of "
                 + ", ".join(INBOX_POLICIES)
             )
+        params = getattr(template, "Params", None)
+        if params is not None and not (
+            isinstance(params, type) and issubclass(params, pydantic.BaseModel)
+        ):
+            raise WorkerLoadError(
+                f"worker {import_string!r}: Params must be a pydantic model (a BaseModel "
+                f"subclass), not {params!r}"
+            )
+        self.params_model: type[pydantic.BaseModel] | None = params
 
     def create(self) -> Worker:
         return self._factory()
@@ -143,6 +159,12 @@ class WorkerSpec:
         return bool(getattr(self._template, "resumable", True))
 
     @property
+    def migratable(self) -> bool:
+        """Whether a draining node hands these sessions off at once, rather than letting
+        them run on for ``FLEET_DRAIN_TIMEOUT`` first (only resumable ones move)."""
+        return bool(getattr(self._template, "migratable", False))
+
+    @property
     def inbox(self) -> InboxPolicy:
         """What a message that arrives while an earlier one is unconsumed does: ``queue``
         (wait its turn), ``reject`` (409 ``busy``) or ``interrupt`` (queue, and set
@@ -150,11 +172,84 @@ class WorkerSpec:
         policy = getattr(self._template, "inbox", "queue")
         return cast(InboxPolicy, policy)
 
-    def validate_params(self, params: dict[str, Any]) -> None:
-        """Raise ``ValueError`` with a clear message when the worker refuses ``params``."""
+    @property
+    def description(self) -> str:
+        """The first line of the worker's docstring."""
+        doc = inspect.getdoc(self._template) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    def params_schema(self) -> dict[str, Any] | None:
+        """The JSON schema of ``Params``, if the worker declares it."""
+        return None if self.params_model is None else self.params_model.model_json_schema()
+
+    def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The params the worker gets: validated by its ``Params`` model (defaults filled
+        in) or its ``validate_params``. Raises ``InvalidParams`` naming each field that is
+        wrong."""
+        if self.params_model is not None:
+            try:
+                model = self.params_model.model_validate(params, strict=True)
+            except pydantic.ValidationError as exc:
+                problems = [
+                    {
+                        "loc": ["params", *(str(p) for p in err["loc"])],
+                        "msg": err["msg"],
+                        "type": err["type"],
+                    }
+                    for err in exc.errors(include_url=False, include_input=False)
+                ]
+                detail = "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems[:5])
+                raise InvalidParams(detail, errors=problems) from None
+            return model.model_dump(mode="json")
         validate = getattr(self._template, "validate_params", None)
         if validate is not None:
-            validate(params)
+            try:
+                validate(params)
+            except (ValueError, TypeError) as exc:
+                raise InvalidParams(str(exc)) from None
+        return params
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /workers`` shows of it (kept in Redis for nodes that do not run it)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "resumable": self.resumable,
+            "migratable": self.migratable,
+            "inbox": self.inbox,
+            "params_schema": self.params_schema(),
+        }
+
+
+class WorkerSet:
+    """The named workers a node runs (``FLEET_WORKER``); the first is the default."""
+
+    def __init__(self, specs: list[WorkerSpec]) -> None:
+        if not specs:
+            raise WorkerLoadError("a node must run at least one worker")
+        self._specs = {spec.name: spec for spec in specs}
+        self.default = specs[0]
+
+    def get(self, name: str | None) -> WorkerSpec | None:
+        """The worker called ``name`` (the default for ``None`` or ``""``, which older
+        records name), or ``None`` when this node does not run it."""
+        return self.default if not name else self._specs.get(name)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def __iter__(self) -> Iterator[WorkerSpec]:
+        return iter(self._specs.values())
+
+
+def load_workers(setting: str) -> WorkerSet:
+    """Load every worker that ``FLEET_WORKER`` names."""
+    try:
+        pairs = parse_workers(setting)
+    except ValueError as exc:
+        raise WorkerLoadError(f"FLEET_WORKER: {exc}") from None
+    return WorkerSet([load_worker(target, name) for name, target in pairs])
 
 
 class _FunctionWorker:
@@ -178,7 +273,7 @@ def _build_once(import_string: str, cls: type[Any]) -> None:
         ) from exc
 
 
-def load_worker(import_string: str) -> WorkerSpec:
+def load_worker(import_string: str, name: str = "") -> WorkerSpec:
     """Load ``module:attr``: a class with ``async def run(self, ctx)`` (one instance per
     session, built with no arguments: one is built here to check that it can be), an
     instance of one, or an ``async def`` taking the context."""
@@ -208,13 +303,13 @@ def load_worker(import_string: str) -> WorkerSpec:
             )
         cls = target
         _build_once(import_string, cls)
-        return WorkerSpec(import_string, lambda: cast(Worker, cls()), cls)
+        return WorkerSpec(import_string, lambda: cast(Worker, cls()), cls, name)
     if inspect.iscoroutinefunction(target):
         fn = target
-        return WorkerSpec(import_string, lambda: _FunctionWorker(fn), fn)
+        return WorkerSpec(import_string, lambda: _FunctionWorker(fn), fn, name)
     if inspect.iscoroutinefunction(getattr(target, "run", None)):
         instance = target
-        return WorkerSpec(import_string, lambda: instance, instance)
+        return WorkerSpec(import_string, lambda: instance, instance, name)
     raise WorkerLoadError(
         f"worker {import_string!r} is a {type(target).__name__}, not a worker: expected a class "
         "or object with 'async def run(self, ctx)', or an 'async def' function"

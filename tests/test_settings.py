@@ -10,7 +10,7 @@ from fleet.settings import Settings, load_settings
 def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings()
     assert s.redis_url is None and s.embedded
-    assert s.key_prefix == "fleet" and s.worker == "fleet.workers.counter:Counter"
+    assert s.key_prefix == "fleet" and s.worker == "counter=fleet.workers.counter:Counter"
     assert (s.node_ttl, s.maintenance_interval, s.close_grace) == (10, 5, 5)
     assert (s.drain_timeout, s.tombstone_ttl) == (30, 3600)
     assert s.max_sessions is None and s.max_sessions_per_call is None

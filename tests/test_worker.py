@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.errors import WorkerLoadError
-from fleet.worker import SessionContext, Worker, load_worker
-from fleet.workers.counter import Counter
+from fleet.errors import InvalidParams, WorkerLoadError
+from fleet.worker import SessionContext, Worker, load_worker, load_workers
+
+COUNTER = load_worker("fleet.workers.counter:Counter")
 
 
 class NeedsArgs:
@@ -88,10 +89,59 @@ def test_bad_import_strings_say_what_is_wrong(target: str, words: str) -> None:
     ],
 )
 def test_counter_refuses_bad_params(params: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
-        Counter.validate_params(params)
+    with pytest.raises(InvalidParams) as err:
+        COUNTER.validate_params(params)
+    assert err.value.errors and err.value.errors[0]["loc"][0] == "params"
+    assert err.value.detail.startswith("params.")
 
 
-def test_counter_accepts_good_params() -> None:
-    Counter.validate_params({})
-    Counter.validate_params({"interval": 0.5, "limit": 3})
+def test_counter_accepts_good_params_and_fills_in_defaults() -> None:
+    assert COUNTER.validate_params({}) == {"interval": 1.0, "limit": None}
+    assert COUNTER.validate_params({"interval": 1, "limit": 3}) == {"interval": 1.0, "limit": 3}
+
+
+def test_params_schema_and_description_are_published() -> None:
+    described = COUNTER.describe()
+    assert described["name"] == "Counter" and described["inbox"] == "queue"
+    assert described["description"].startswith("Ticks, emits and checkpoints")
+    schema = described["params_schema"]
+    assert set(schema["properties"]) == {"interval", "limit"}
+    assert schema["additionalProperties"] is False
+
+
+class BadParams:
+    Params = dict
+
+    async def run(self, ctx: SessionContext) -> None:
+        pass
+
+
+def test_params_must_be_a_pydantic_model() -> None:
+    with pytest.raises(WorkerLoadError, match="Params must be a pydantic model"):
+        load_worker("tests.test_worker:BadParams")
+
+
+def test_named_workers_load_in_order_with_the_first_as_default() -> None:
+    workers = load_workers(
+        "tick=fleet.workers.counter:Counter, chat=fleet.workers.chat:Chat,tests.workers:Answer"
+    )
+    assert workers.names == ["tick", "chat", "Answer"]
+    assert workers.default.name == "tick" and workers.get(None) is workers.default
+    assert workers.get("") is workers.default  # records of older nodes name none
+    assert workers.get("chat") is not None and workers.get("nope") is None
+    spec = workers.get("Answer")
+    assert spec is not None and spec.import_string == "tests.workers:Answer"
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("a=fleet.workers.counter:Counter,a=fleet.workers.chat:Chat", "given twice"),
+        ("bad name=fleet.workers.counter:Counter", "worker name"),
+        ("x=fleet.workers.counter", "module:attr"),
+        (" , ", "at least one"),
+    ],
+)
+def test_bad_worker_settings_are_refused_clearly(setting: str, words: str) -> None:
+    with pytest.raises(WorkerLoadError, match=words):
+        load_workers(setting)

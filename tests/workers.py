@@ -7,7 +7,10 @@ import contextlib
 import time
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from fleet.worker import SessionContext
+from fleet.workers.counter import Counter
 
 
 class Boom:
@@ -202,3 +205,32 @@ class Remember:
         if ctx.params.get("hold"):
             await ctx.closing.wait()
         return {"thread_id": ctx.thread_id, "n": n}
+
+
+class Voice:
+    """A worker with a Params model: ``language`` (two letters) and ``speed`` in (0, 4].
+    Runs until closed, checkpointing ``{"n": n}`` every ``tick`` seconds."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        language: str = Field(pattern=r"^[a-z]{2}$")
+        speed: float = Field(default=1.0, gt=0, le=4)
+        tick: float = Field(default=0.05, gt=0)
+
+    async def run(self, ctx: SessionContext) -> Any:
+        n = int((ctx.state or {}).get("n", 0))
+        while not ctx.closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.closing.wait(), ctx.params["tick"])
+            if ctx.closing.is_set():
+                break
+            n += 1
+            await ctx.checkpoint({"n": n, "language": ctx.params["language"]})
+        return {"n": n}
+
+
+class Migratable(Counter):
+    """The counter, handed off at once when its node drains."""
+
+    migratable = True

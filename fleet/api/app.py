@@ -20,7 +20,7 @@ from fleet import __version__
 from fleet.api import checks, errors
 from fleet.api.auth import ACCESS_TOKEN, TokenTable, get_docs_principal
 from fleet.api.middleware import HttpEdge
-from fleet.api.routes import events, health, messages, nodes, sessions, threads
+from fleet.api.routes import events, health, messages, migrate, nodes, sessions, threads
 from fleet.runtime.node import Node
 from fleet.settings import Settings
 
@@ -56,6 +56,7 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
     checks.document(app)
     app.include_router(sessions.router)
     app.include_router(messages.router)
+    app.include_router(migrate.router)
     app.include_router(events.router)
     app.include_router(threads.router)
     app.include_router(nodes.router)

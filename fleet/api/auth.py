@@ -12,9 +12,9 @@ the token elsewhere, each on its own principal dependency: the event stream and 
 documentation pages as ``?access_token=``, the beacon close also as an ``access_token``
 field of its body. Every other route takes the header only.
 
-The permission hooks (start, view, stream, close, beacon close, metrics) are plain
-dependencies (``async def``: a plain ``def`` would run in a thread pool, which costs more
-than the check): replace them with
+The permission hooks (start, view, stream, close, beacon close, send, migrate, metrics)
+are plain dependencies (``async def``: a plain ``def`` would run in a thread pool, which
+costs more than the check): replace them with
 ``app.dependency_overrides[view_permission] = my_view_permission`` (see docs/security.md).
 """
 
@@ -222,6 +222,13 @@ async def send_permission(principal: PrincipalDep) -> RecordCheck:
     return OwnedBy(principal)
 
 
+async def migrate_permission(principal: PrincipalDep) -> Principal:
+    """Who may move sessions between nodes: operators, the ``admin`` principal."""
+    if not principal.admin:
+        raise Forbidden("moving sessions between nodes is for the admin principal")
+    return principal
+
+
 async def metrics_permission(principal: PrincipalDep) -> RecordCheck:
     """Whose per-session metrics a principal may read."""
     return OwnedBy(principal)
@@ -234,3 +241,4 @@ CanClose = Annotated[RecordCheck, Depends(close_permission)]
 CanBeaconClose = Annotated[RecordCheck, Depends(beacon_close_permission)]
 CanReadMetrics = Annotated[RecordCheck, Depends(metrics_permission)]
 CanSend = Annotated[RecordCheck, Depends(send_permission)]
+CanMigrate = Annotated[Principal, Depends(migrate_permission)]

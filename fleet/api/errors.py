@@ -26,6 +26,8 @@ STATUS: dict[type[errors.FleetError], int] = {
     errors.AdmissionRejected: 429,
     errors.NotAccepting: 503,
     errors.InvalidParams: 422,
+    errors.UnknownWorker: 422,
+    errors.CannotMigrate: 409,
     errors.IdempotencyMismatch: 422,
     errors.IdempotencyInProgress: 409,
     errors.CheckpointTooLarge: 413,
@@ -88,6 +90,9 @@ def install(app: FastAPI) -> None:
         headers = {"Retry-After": "1"} if retry else None
         if status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
+        if isinstance(exc, errors.InvalidParams) and exc.errors:
+            body = {"detail": exc.detail, "code": exc.code, "errors": exc.errors}
+            return JSONResponse(body, status_code=status, headers=headers)
         return error_response(status, exc.detail, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -1,6 +1,7 @@
 """Graceful drain (SIGTERM): stop taking sessions, let them run on for up to
 ``FLEET_DRAIN_TIMEOUT``, then ask the rest to stop with ``close_reason = "handoff"`` and
-hand each to the least loaded other node at once (``Moves.hand_off``).
+hand each to the least loaded other node at once (``Moves.hand_off``). Sessions of
+workers that say ``migratable = True`` are handed off at the start of the drain instead.
 
 With no other node to take them (a lone node, or the embedded Redis) the wait is skipped:
 it would only delay the end. A hand-off that fails because Redis does not answer leaves the
@@ -33,15 +34,19 @@ class Drain:
         moves: Moves,
         announce: Callable[[], Awaitable[None]],
         alone: bool,
+        migratable: Callable[[LocalSession], bool] = lambda _: False,
     ) -> None:
         """``announce``: tell the fleet this node drains (a lease renewal); ``alone``: no
-        other node can exist (the embedded Redis)."""
+        other node can exist (the embedded Redis); ``migratable``: whether a session is
+        handed off at once rather than after the drain timeout (its worker says
+        ``migratable = True``)."""
         self.settings = settings
         self.node_id = settings.node_id
         self._sessions = sessions
         self._moves = moves
         self._announce = announce
         self._alone = alone
+        self._migratable = migratable
         self.active = False
         self.done = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -74,6 +79,9 @@ class Drain:
                 extra={"node_id": self.node_id},
             )
         else:
+            for session in list(self._sessions.values()):
+                if self._migratable(session):
+                    session.request_close(CloseReason.HANDOFF)
             await self._wait_sessions(self.settings.drain_timeout)
         if self._sessions:
             with contextlib.suppress(*REDIS_ERRORS):
@@ -100,13 +108,17 @@ class Drain:
                 await asyncio.wait_for(asyncio.gather(*waits), timeout)
 
     async def hand_off(self, session: LocalSession) -> bool:
-        """Whether a draining node's stopped session is no longer this node's to end:
-        handed to another node, or, when Redis did not answer, left with its slot for the
-        other nodes to resume once this node's lease lapses (ending it here would lose a
-        session that other nodes have room for). False: no node can take it."""
-        if not (self.active and session.record.resumable) or session.abandoned:
+        """Whether a stopped session of a draining node, or one being migrated, is no
+        longer this node's to end: handed to another node, or, when Redis did not answer,
+        left with its slot for the other nodes to resume once this node's lease lapses
+        (ending it here would lose a session that other nodes have room for). False: no
+        node can take it."""
+        moving = self.active or session.migrating
+        if not (moving and session.record.resumable) or session.abandoned:
             return False
         try:
+            if not self.active:  # a migration: the nodes as they are now
+                return await self._moves.hand_off(session, await self._moves.hand_off_targets())
             if self._targets is None:
                 self._targets = await self._moves.hand_off_targets()
             return await self._moves.hand_off(session, self._targets)

@@ -40,6 +40,7 @@ class StartSession(Protocol):
         principal: str = "",
         resumable: bool = True,
         *,
+        worker: str | None = None,
         thread_id: str | None = None,
         once: Reservation | None = None,
     ) -> SessionRecord: ...
@@ -51,12 +52,15 @@ def fingerprint(
     params: dict[str, Any],
     resumable: bool,
     thread_id: str | None = None,
+    worker: str | None = None,
 ) -> str:
     """What a start asks, as a digest: the same JSON values give the same fingerprint,
     whatever their key order or the spelling of the body (defaults included)."""
     asked = {"call_id": call_id, "call_type": call_type, "params": params, "resumable": resumable}
     if thread_id is not None:
         asked["thread_id"] = thread_id
+    if worker is not None:
+        asked["worker"] = worker
     canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -83,18 +87,29 @@ class IdempotentStarts:
         principal: str,
         resumable: bool,
         thread_id: str | None = None,
+        worker: str | None = None,
     ) -> SessionInfo:
         """Start the session that ``key`` stands for, once; the first answer every time.
         Raises IdempotencyMismatch, IdempotencyInProgress, or whatever the start raises."""
         once = self.registry.reservation(
-            call_id, principal, key, fingerprint(call_id, call_type, params, resumable, thread_id)
+            call_id,
+            principal,
+            key,
+            fingerprint(call_id, call_type, params, resumable, thread_id, worker),
         )
         answer = await self._reserve(once)
         if answer is not None:
             return SessionInfo.model_validate_json(answer)
         try:
             record = await self._start(
-                call_id, call_type, params, principal, resumable, thread_id=thread_id, once=once
+                call_id,
+                call_type,
+                params,
+                principal,
+                resumable,
+                worker=worker,
+                thread_id=thread_id,
+                once=once,
             )
         except BaseException:
             with contextlib.suppress(*REDIS_ERRORS):  # else it expires after pending_ttl

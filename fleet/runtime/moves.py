@@ -18,14 +18,17 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from fleet import metrics
-from fleet.models import EndReason, NodeInfo, State
+from fleet.models import EndReason, NodeInfo, SessionRecord, State
 from fleet.runtime.control import Message
 from fleet.runtime.session import LocalSession, SessionHost
 from fleet.store.keys import split_ref
 from fleet.store.scripts import FENCED, TAKEN, HandoffResult, ReapResult
-from fleet.worker import WorkerSpec
+from fleet.worker import WorkerSet
 
 log = logging.getLogger("fleet.failover")
+
+#: The error of a session that ended because no live node runs its worker.
+NO_WORKER_NODE = "no_node_runs_worker"
 
 # Dead-node sessions are reaped this many at a time: fast, without flooding Redis.
 REAP_CONCURRENCY = 128
@@ -38,15 +41,21 @@ class Targets:
     def __init__(self, nodes: Iterable[NodeInfo], exclude: set[str]) -> None:
         self._nodes = {n.node_id: n for n in nodes if n.node_id not in exclude and not n.draining}
         self._load = {node_id: n.sessions for node_id, n in self._nodes.items()}
+        self._runs = {node_id: set(n.workers) for node_id, n in self._nodes.items()}
 
-    def take(self) -> tuple[str, int | None] | None:
-        """The least loaded node, counted as one session busier at once (moves run
-        concurrently); ``give_back`` if the move does not happen."""
-        if not self._load:
+    def take(self, worker: str) -> tuple[str, int | None] | None:
+        """The least loaded node that runs ``worker``, counted as one session busier at
+        once (moves run concurrently); ``give_back`` if the move does not happen."""
+        able = [n for n in self._load if worker in self._runs[n]]
+        if not able:
             return None
-        node_id = min(self._load, key=lambda n: (self._load[n], n))
+        node_id = min(able, key=lambda n: (self._load[n], n))
         self._load[node_id] += 1
         return node_id, self._nodes[node_id].capacity
+
+    def runs(self, worker: str) -> bool:
+        """Whether any of these nodes runs ``worker`` (full or not)."""
+        return any(worker in workers for workers in self._runs.values())
 
     def give_back(self, node_id: str) -> None:
         if node_id in self._load:
@@ -68,14 +77,14 @@ class Moves:
         self,
         host: SessionHost,
         sessions: Mapping[str, LocalSession],
-        worker: WorkerSpec,
+        workers: WorkerSet,
         adopt: Callable[[LocalSession], None],
     ) -> None:
         self.host = host
         self.node_id = host.node_id
         self.registry = host.registry
         self._sessions = sessions
-        self._worker = worker
+        self._workers = workers
         self._adopt = adopt
         self._resuming: set[str] = set()
         #: A test hook: awaited between a move's two steps (the slot has moved, the claim
@@ -113,10 +122,14 @@ class Moves:
                     "node %s removed from the registry", dead, extra={"node_id": self.node_id}
                 )
 
+    def _worker_of(self, record: SessionRecord) -> str:
+        return record.worker or self._workers.default.name
+
     async def _reap_session(self, dead: str, ref: str, targets: Targets) -> None:
         record = await self.registry.get(*split_ref(ref))
         movable = record is not None and record.resumable and not record.close_reason
-        while movable and (choice := targets.take()) is not None:
+        worker = self._worker_of(record) if record is not None else ""
+        while movable and (choice := targets.take(worker)) is not None:
             target, capacity = choice
             result = await self.registry.reap(dead, ref, target, capacity)
             if result is ReapResult.NO_ROOM:
@@ -131,11 +144,19 @@ class Moves:
         result = await self.registry.reap(dead, ref)
         if result is not ReapResult.RELEASED:
             return
+        error = ""
+        if movable and not targets.runs(worker):
+            error = NO_WORKER_NODE
+            log.error(
+                "no live node runs worker %r: the session cannot resume",
+                worker,
+                extra=self._extra(ref),
+            )
         if record is not None and record.node_id == dead:
             # A close was asked for and the owner died first: the session is closed.
             reason = EndReason.CLOSED if record.close_reason else EndReason.NODE_LOST
             await self.registry.end(
-                record, reason.value, owner=dead, any_epoch=True, release_from=""
+                record, reason.value, error=error, owner=dead, any_epoch=True, release_from=""
             )
         metrics.FAILOVERS.labels("lost").inc()
         log.warning("session lost with node %s", dead, extra=self._extra(ref))
@@ -161,7 +182,7 @@ class Moves:
     async def hand_off(self, session: LocalSession, targets: Targets) -> bool:
         """Give a stopped session of this draining node to the least loaded node with room.
         Returns False when no node could take it."""
-        while (choice := targets.take()) is not None:
+        while (choice := targets.take(self._worker_of(session.record))) is not None:
             target, capacity = choice
             result = await self.registry.handoff(self.node_id, session.ref, target, capacity)
             if result is HandoffResult.NO_ROOM:
@@ -175,6 +196,13 @@ class Moves:
             targets.give_back(target)
             return False
         return False
+
+    async def take_back(self, ref: str) -> None:
+        """Resume here a session this node stopped to move it, when no node could take
+        it after all (a migration that lost its target): a claim by this node for
+        itself, which bumps the epoch and resumes it from its last checkpoint."""
+        if await self._claim(ref, self.node_id, self.node_id):
+            log.warning("no node could take the session: resuming it here", extra=self._extra(ref))
 
     # -- resume -------------------------------------------------------------------------
     async def resume(self, ref: str) -> None:
@@ -191,9 +219,17 @@ class Moves:
                 # thread's state it started from.
                 latest = (await self.registry.state_envelope(record.state_from))[1]
             state: Any = json.loads(latest)["state"] if latest else None
-            session = LocalSession(
-                self.host, record, self._worker.create(), state=state, resumed=True
-            )
+            spec = self._workers.get(record.worker)
+            if spec is None:
+                # Placement only moves a session to a node that runs its worker.
+                log.error(
+                    "a session of worker %r was moved here, which does not run it",
+                    record.worker,
+                    extra=self._extra(ref),
+                )
+                await self.registry.end(record, EndReason.NODE_LOST.value, error=NO_WORKER_NODE)
+                return
+            session = LocalSession(self.host, record, spec.create(), state=state, resumed=True)
             self._adopt(session)
             log.info(
                 "session resumed (epoch %d, checkpoint %d)",

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import secrets
 import socket
 import time
 from collections.abc import Coroutine
@@ -21,7 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from fleet import __version__, metrics
-from fleet.errors import AdmissionRejected, InvalidParams, NotAccepting, SessionNotFound
+from fleet.errors import CannotMigrate, SessionEnded, SessionNotFound
 from fleet.events.cluster import AnnouncedDispatcher
 from fleet.events.dispatcher import EventDispatcher
 from fleet.models import CloseReason, EndReason, SessionRecord, State
@@ -34,8 +34,10 @@ from fleet.runtime.lease import Lease
 from fleet.runtime.maintenance import Maintenance, enforce_limits
 from fleet.runtime.moves import Moves
 from fleet.runtime.orders import Orders
+from fleet.runtime.placement import Directory, Forwards
 from fleet.runtime.reports import MetricsReports
 from fleet.runtime.session import CANCEL_GRACE, LocalSession
+from fleet.runtime.starts import Starts
 from fleet.runtime.threads import OnThread, Threads
 from fleet.settings import Settings
 from fleet.store import REDIS_ERRORS
@@ -44,7 +46,7 @@ from fleet.store.idempotency import Reservation
 from fleet.store.keys import make_ref
 from fleet.store.registry import Registry
 from fleet.tasks import cancel_and_wait
-from fleet.worker import load_worker
+from fleet.worker import load_workers
 
 log = logging.getLogger("fleet.node")
 
@@ -53,7 +55,7 @@ class Node:
     def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id
-        self.worker = load_worker(settings.worker)
+        self.workers = load_workers(settings.worker)
         self.redis = redis if redis is not None else connect(settings)
         self._owns_redis = redis is None
         self.registry = Registry(self.redis, settings)
@@ -69,7 +71,10 @@ class Node:
             self.registry, self.start_session, self.close_session, self.conversations
         )
         self.idempotent = IdempotentStarts(self.registry, self.threads.start)
-        self.moves = Moves(self, self.sessions, self.worker, self.adopt)
+        self.directory = Directory(self.registry)
+        self.forwards = Forwards(self.registry, settings)
+        self.starts = Starts(self, self.workers, self.directory, self.forwards, self._pending)
+        self.moves = Moves(self, self.sessions, self.workers, self.adopt)
         self.lease = Lease(
             self.registry,
             settings,
@@ -94,6 +99,7 @@ class Node:
             moves=self.moves,
             announce=self.lease.renew,
             alone=self._owns_redis and settings.embedded,
+            migratable=self._migratable,
         )
 
         self.left_behind: set[asyncio.Task[Any]] = set()  # tasks that ignored cancellation
@@ -102,9 +108,7 @@ class Node:
         self._listener = ControlListener(
             self.redis,
             self.registry.keys.node_channel(self.node_id),
-            Orders(
-                self.node_id, self.sessions, self.ends, self.conversations, self.moves, self.spawn
-            ),
+            Orders(self, self.sessions, self.ends, self.conversations, self.moves),
             self._on_subscribed,
             on_lost=self.lease.wake,
         )
@@ -121,6 +125,8 @@ class Node:
         with contextlib.suppress(*REDIS_ERRORS):
             await self.registry.load()  # else each script's first call meets NOSCRIPT
         await self.lease.renew()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._describe_workers()
         loops = {
             "lease": self.lease.run(),
             "maintenance": self.maintenance.run(),
@@ -134,8 +140,8 @@ class Node:
             task.add_done_callback(self._loop_ended)
         self.events.start()
         log.info(
-            "node started (worker %s, lease %.1fs)",
-            self.worker.import_string,
+            "node started (workers %s, lease %.1fs)",
+            ", ".join(f"{w.name}={w.import_string}" for w in self.workers),
             self.settings.node_ttl,
             extra={"node_id": self.node_id},
         )
@@ -235,69 +241,64 @@ class Node:
         principal: str = "",
         resumable: bool = True,
         *,
+        worker: str | None = None,
         once: Reservation | None = None,
         session_id: str | None = None,
         thread: OnThread | None = None,
     ) -> SessionRecord:
-        """Admit, record and start a session here; returns once it runs. With ``once`` (an
-        idempotency reservation: ``self.idempotent``), the record is only written while the
-        reservation holds, together with the answer kept for the key. ``thread``: the
-        thread it runs on, claimed for it (``self.threads``), and the state it starts
-        from."""
-        began = time.perf_counter()
-        ready, reason = self.readiness()
-        if not ready:
-            code = "draining" if reason == "draining" else "not_ready"
-            metrics.ADMISSION_REJECTED.labels(code).inc()
-            raise NotAccepting(code, f"this node does not take new sessions now ({reason})")
-        try:
-            self.worker.validate_params(params)
-        except (ValueError, TypeError) as exc:
-            raise InvalidParams(str(exc)) from None
-        worker = self.worker.create()
-        session_id = session_id or secrets.token_hex(16)
-        ref = make_ref(call_id, session_id)
-        record = SessionRecord(
+        """Admit, record and start a session, on this node or on the one placement picks
+        (``starts.py``); returns once it runs. ``worker``: its name (the default worker
+        for ``None``). With ``once`` (an idempotency reservation: ``self.idempotent``), the
+        record is only written while the reservation holds, together with the answer kept
+        for the key. ``thread``: the thread it runs on, claimed for it (``self.threads``),
+        and the state it starts from."""
+        return await self.starts.start(
+            call_id,
+            call_type,
+            params,
+            principal,
+            resumable,
+            worker=worker,
+            once=once,
             session_id=session_id,
-            call_id=call_id,
-            call_type=call_type,
-            node_id=self.node_id,
-            params=params,
-            principal=principal,
-            started_at=time.time(),
-            resumable=resumable and self.worker.resumable,
-            inbox=self.worker.inbox,
-            thread_id=thread.thread_id if thread else None,
-            state_from=thread.state_from if thread else "",
+            thread=thread,
         )
-        self._pending.add(ref)
-        try:
-            try:
-                await self.registry.admit(self.node_id, call_id, session_id)
-            except (NotAccepting, AdmissionRejected) as exc:
-                metrics.ADMISSION_REJECTED.labels(exc.code).inc()
-                raise
-            try:
-                if not await self.registry.create_running(record, once):
-                    # Only a record already under this random id could refuse it.
-                    raise NotAccepting("not_ready", "the session record could not be written")
-            except BaseException:
-                # The write may have happened even though its answer was lost: end the
-                # record if there is one (fenced, idempotent) and free the slot either way.
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await self.registry.end(record, EndReason.FAILED.value, error="start")
-                raise
-            state = thread.state if thread else None
-            session = LocalSession(self, record, worker, state=state, running=True)
-            self.sessions[ref] = session
-            self.count_state(State.RUNNING, +1)
-        finally:
-            self._pending.discard(ref)
-        session.start()
-        metrics.SESSIONS_STARTED.inc()
-        metrics.SESSION_START_SECONDS.observe(time.perf_counter() - began)
-        log.info("session started", extra=session.log_extra)
-        return record
+
+    async def migrate_session(self, call_id: str, session_id: str) -> str:
+        """Move a running session to another node now: its worker is asked to stop
+        (``close_reason`` ``handoff``) and the session is handed to the node with most room
+        that runs its worker. Returns the node it moves away from. Raises SessionNotFound,
+        SessionEnded, or CannotMigrate (``not_resumable``, ``no_target``)."""
+        record = await self.registry.get(call_id, session_id)
+        if record is None:
+            raise SessionNotFound(f"no session {session_id} in call {call_id}")
+        if record.state == State.ENDED:
+            raise SessionEnded(f"session {session_id} has ended")
+        if not record.resumable:
+            raise CannotMigrate(
+                "not_resumable", f"session {session_id} is not resumable: it cannot move"
+            )
+        worker = record.worker or self.workers.default.name
+        targets = [
+            n
+            for n in await self.directory.nodes(fresh=True)
+            if n.node_id != record.node_id
+            and not n.draining
+            and worker in n.workers
+            and (n.capacity is None or n.sessions < n.capacity)
+        ]
+        if not targets:
+            raise CannotMigrate(
+                "no_target", f"no other node that runs worker {worker!r} has room for it"
+            )
+        ref = make_ref(call_id, session_id)
+        local = self.sessions.get(ref)
+        if record.node_id == self.node_id and local is not None:
+            local.migrate()
+        else:
+            channel = self.registry.keys.node_channel(record.node_id)
+            await self.redis.publish(channel, Message("migrate", ref).encode())
+        return record.node_id
 
     def adopt(self, session: LocalSession) -> None:
         """Run a session that moved here from another node."""
@@ -368,6 +369,10 @@ class Node:
             )
         elif reason is EndReason.NODE_SHUTDOWN and await self.drain.hand_off(session):
             moved = True
+        elif reason is EndReason.NODE_SHUTDOWN and session.migrating and not session.abandoned:
+            # A migration found no node to take it after all: it resumes here.
+            self.spawn(self.moves.take_back(session.ref))
+            moved = True
         replies = session.reply_to - {self.node_id}
         record.result = session.result
         if not moved:
@@ -417,9 +422,20 @@ class Node:
             "capacity": "" if capacity is None else str(capacity),
             "draining": "1" if self.draining else "0",
             "version": __version__,
+            "workers": ",".join(self.workers.names),
         }
 
+    async def _describe_workers(self) -> None:
+        await self.registry.publish_workers(
+            {w.name: json.dumps(w.describe(), separators=(",", ":")) for w in self.workers}
+        )
+
+    def _migratable(self, session: LocalSession) -> bool:
+        spec = self.workers.get(session.record.worker)
+        return spec is not None and spec.migratable and session.record.resumable
+
     async def _recover(self) -> None:
+        await self._describe_workers()  # Redis may have lost the descriptions too
         await self.maintenance.check_own_sessions()
 
     def _lease_lapsed(self) -> None:

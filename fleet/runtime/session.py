@@ -113,6 +113,7 @@ class LocalSession:
         self._cancel_timer: asyncio.TimerHandle | None = None
         self._ended = False  # the end went to the host (finish) already
         self.abandoned = False  # the worker ignored its cancellation: left behind
+        self.migrating = False  # asked to move to another node now (``migrate``)
         self.task: asyncio.Task[None] | None = None
         self._closing_event: asyncio.Task[None] | None = None
         self.inbox = SessionInbox(
@@ -242,6 +243,14 @@ class LocalSession:
             self._closing_event = self.host.spawn(
                 self.emit("session_closing", {"reason": reason.value})
             )
+
+    def migrate(self) -> None:
+        """Move the session to another node now (``POST …/migrate``): the worker is asked
+        to stop with ``close_reason`` ``handoff``, then the node hands it off."""
+        if self.closing or self.done.is_set():
+            return
+        self.migrating = True
+        self.request_close(CloseReason.HANDOFF)
 
     def lose(self, why: str) -> None:
         """Stop this copy without writing its end: the session is not ours any more (it was

@@ -84,6 +84,7 @@ class StartSession(Protocol):
         principal: str = "",
         resumable: bool = True,
         *,
+        worker: str | None = None,
         once: Reservation | None = None,
         session_id: str | None = None,
         thread: OnThread | None = None,
@@ -121,13 +122,16 @@ class Threads:
         principal: str = "",
         resumable: bool = True,
         *,
+        worker: str | None = None,
         thread_id: str | None = None,
         once: Reservation | None = None,
     ) -> SessionRecord:
         """Start a session, on ``thread_id`` if given. Raises ThreadBusy while another
         session runs on the thread, and whatever a start raises."""
         if thread_id is None:
-            return await self._start(call_id, call_type, params, principal, resumable, once=once)
+            return await self._start(
+                call_id, call_type, params, principal, resumable, worker=worker, once=once
+            )
         session_id = secrets.token_hex(16)
         ref = make_ref(call_id, session_id)
         claim = await self.registry.claim_thread(principal, thread_id, ref)
@@ -136,7 +140,16 @@ class Threads:
         if not claim.claimed:
             raise self.busy(thread_id, claim.live)
         record = await self._start_claimed(
-            claim, call_id, call_type, params, principal, resumable, thread_id, session_id, once
+            claim,
+            call_id,
+            call_type,
+            params,
+            principal,
+            resumable,
+            thread_id,
+            session_id,
+            once,
+            worker,
         )
         await self._mark_started(record)
         return record
@@ -150,6 +163,7 @@ class Threads:
         *,
         call_id: str,
         params: dict[str, Any],
+        worker: str | None = None,
         client_id: str = "",
         wait: float | None = None,
     ) -> ThreadSend:
@@ -165,7 +179,15 @@ class Threads:
             appended: Callable[[], Awaitable[None]] | None = None
             if claim.claimed:
                 record = await self._start_claimed(
-                    claim, call_id, "default", params, principal, True, thread_id, session_id
+                    claim,
+                    call_id,
+                    "default",
+                    params,
+                    principal,
+                    True,
+                    thread_id,
+                    session_id,
+                    worker=worker,
                 )
                 target = (call_id, session_id)
                 appended = functools.partial(self._mark_started, record)
@@ -210,6 +232,7 @@ class Threads:
         thread_id: str,
         session_id: str,
         once: Reservation | None = None,
+        worker: str | None = None,
     ) -> SessionRecord:
         """Start the session the thread was claimed for, from the thread's state; give
         the claim back if it does not start."""
@@ -227,6 +250,7 @@ class Threads:
                 params,
                 principal,
                 resumable,
+                worker=worker,
                 once=once,
                 session_id=session_id,
                 thread=thread,

@@ -1,5 +1,9 @@
-"""Admission: every limit checked and the slot reserved in one atomic step (``admit.lua``),
+"""Admission: every limit checked and the slot reserved in one atomic step (``place.lua``),
 and slots given back or put back.
+
+Placement is part of it: the same step picks the node (``place.lua``), from the candidates
+the caller names (the live nodes it knows of; the script checks each one's lease, drain,
+workers and room itself, so a stale list costs at most a less than ideal choice).
 
 The slots of all nodes live in the fleet-wide ``{g}`` slot (``keys.py``), so the per-call,
 fleet-wide and per-node counts are read and changed together: under any race, across any
@@ -7,6 +11,8 @@ number of nodes, no limit is ever exceeded.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from fleet.errors import AdmissionRejected, NotAccepting
 from fleet.store.base import Call, StoreBase, limit_arg
@@ -16,29 +22,49 @@ from fleet.store.scripts import AdmitResult
 _ADMIT_DETAIL = {
     AdmitResult.MAX_SESSIONS_PER_CALL: "this call already has its maximum number of sessions",
     AdmitResult.MAX_SESSIONS: "the fleet already runs its maximum number of sessions",
-    AdmitResult.NODE_CAPACITY: "this node is at capacity; retry, another node may have room",
 }
 
 
 class Admission(StoreBase):
-    async def admit(self, node_id: str, call_id: str, session_id: str) -> None:
-        """Check every limit and reserve a slot for the session on ``node_id``."""
+    async def place(
+        self,
+        asked: str,
+        call_id: str,
+        session_id: str,
+        worker: str,
+        candidates: Sequence[str],
+        mode: str = "local",
+    ) -> str:
+        """Check every limit, pick the node for a new session and reserve its slot there,
+        in one step (``place.lua``): ``asked`` if it can take it (``mode`` ``local``),
+        else the candidate with the most room that runs ``worker`` (``""``: any). Returns
+        the node chosen; raises AdmissionRejected (``no_capacity`` when no candidate has
+        room) or NotAccepting."""
         k, s = self.keys, self._settings
-        code, _ = await self.scripts(
-            "admit",
-            [k.nodes(), k.node_sessions(node_id), k.call_counts(), k.live(), k.settling()],
+        order = (
+            [asked, *(c for c in candidates if c != asked)]
+            if asked in candidates
+            else [*candidates]
+        )
+        keys = [k.nodes(), k.call_counts(), k.live(), k.settling()]
+        for node_id in order:
+            keys += [k.node_sessions(node_id), k.node_info(node_id)]
+        code, chosen = await self.scripts(
+            "place",
+            keys,
             [
-                node_id,
                 make_ref(call_id, session_id),
                 call_id,
                 limit_arg(s.max_sessions_per_call),
                 limit_arg(s.max_sessions),
-                limit_arg(s.max_sessions_per_node),
+                worker,
+                mode,
+                *order,
             ],
         )
         result = AdmitResult(code)
         if result is AdmitResult.OK:
-            return
+            return str(chosen)
         if result is AdmitResult.NOT_READY:
             raise NotAccepting("not_ready", "this node's lease is not held; retry another node")
         if result is AdmitResult.SETTLING:
@@ -47,7 +73,16 @@ class Admission(StoreBase):
                 "Redis lost its data moments ago: new sessions wait until every node has "
                 "written back its own (a second at most); retry shortly",
             )
+        if result is AdmitResult.NO_CAPACITY:
+            where = f"runs worker {worker!r}" if worker else "can take it"
+            raise AdmissionRejected(
+                result.value, f"no node that {where} has room for another session; retry later"
+            )
         raise AdmissionRejected(result.value, _ADMIT_DETAIL[result])
+
+    async def admit(self, node_id: str, call_id: str, session_id: str) -> None:
+        """Check every limit and reserve a slot for the session on ``node_id`` itself."""
+        await self.place(node_id, call_id, session_id, "", [node_id])
 
     def _release_call(self, node_id: str, call_id: str, session_id: str) -> Call:
         k = self.keys

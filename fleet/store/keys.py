@@ -58,6 +58,11 @@ class Keys:
         """SET of refs a node holds an admission slot for: the per-node index."""
         return f"{self._global}:node-sessions:{node_id}"
 
+    def workers(self) -> str:
+        """HASH worker name -> what ``GET /workers`` shows of it (JSON), written by the
+        nodes that run it, so that any node can describe workers it does not run."""
+        return f"{self._global}:workers"
+
     def settling(self) -> str:
         """STRING: until when (ms, Redis clock) admission waits after Redis lost its data,
         so that every live node has written back its sessions before new ones count."""

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 from fleet.models import NodeInfo
 from fleet.store.base import StoreBase, limit_arg
@@ -16,7 +17,7 @@ class Nodes(StoreBase):
         self, node_id: str, info: dict[str, str], *, held_before: bool = False
     ) -> HeartbeatStatus:
         """Renew the lease. ``held_before``: this node held one already, so a Redis that
-        forgot the fleet lost its data: admission then waits one lease (``admit.lua``)."""
+        forgot the fleet lost its data: admission then waits one lease (``place.lua``)."""
         k = self.keys
         fields = [x for pair in info.items() for x in pair]
         status, _ = await self.scripts(
@@ -63,9 +64,20 @@ class Nodes(StoreBase):
                     capacity=int(capacity) if capacity else None,
                     draining=info.get("draining") == "1",
                     version=info.get("version", ""),
+                    workers=[w for w in info.get("workers", "").split(",") if w],
                 )
             )
         return nodes
+
+    async def publish_workers(self, described: Mapping[str, str]) -> None:
+        """Describe the workers this node runs (name -> JSON), for ``GET /workers``."""
+        if described:
+            mapping: dict[Any, Any] = dict(described)
+            await self.redis.hset(self.keys.workers(), mapping=mapping)
+
+    async def worker_catalog(self) -> dict[str, str]:
+        """Every worker described by some node: name -> JSON."""
+        return cast(dict[str, str], await self.redis.hgetall(self.keys.workers()))
 
     async def expired_nodes(self, limit: int = 100) -> list[str]:
         return list(await self.scripts("expired_nodes", [self.keys.nodes()], [limit]))

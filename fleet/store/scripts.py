@@ -20,14 +20,14 @@ from fleet.metrics import redis_timer
 
 
 class AdmitResult(enum.StrEnum):
-    """What ``admit.lua`` answers: ``ok``, or the name of the limit that refused."""
+    """What ``place.lua`` answers: ``ok``, or the name of the limit that refused."""
 
     OK = "ok"
     NOT_READY = "not_ready"
     SETTLING = "settling"  # Redis lost its data: nodes are still writing back their sessions
     MAX_SESSIONS_PER_CALL = "max_sessions_per_call"
     MAX_SESSIONS = "max_sessions"
-    NODE_CAPACITY = "node_capacity"
+    NO_CAPACITY = "no_capacity"  # no candidate node that runs the worker has room
 
 
 class EndResult(enum.IntEnum):
@@ -98,7 +98,8 @@ class Scripts:
     """Every script of fleet, callable by name."""
 
     NAMES = (
-        "admit",
+        "place",
+        "forgo_start",
         "release",
         "create_session",
         "mark_running",

@@ -101,6 +101,27 @@ class Sessions(Admission):
             )
         return bool(result)
 
+    async def forgo_start(self, record: SessionRecord) -> bool:
+        """Give up a forwarded start that was not answered in time (``forgo_start.lua``):
+        True when the session was never created (and now never will be); False when the
+        node it went to created it after all."""
+        k = self.keys
+        now = time.time()
+        fields = [x for pair in record.to_hash().items() for x in pair]
+        return bool(
+            await self.scripts(
+                "forgo_start",
+                [k.session(record.call_id, record.session_id), k.call_ended(record.call_id)],
+                [
+                    record.session_id,
+                    repr(now),
+                    int(now * 1000),
+                    self._settings.tombstone_ttl,
+                    *fields,
+                ],
+            )
+        )
+
     async def mark_running(self, record: SessionRecord, event: str, data: Any) -> str:
         """starting -> running for this owner and epoch, emitting the lifecycle ``event``
         (``session_started`` or ``session_resumed``). Returns the state, or ``lease_lost``."""

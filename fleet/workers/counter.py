@@ -5,33 +5,26 @@ after this many ticks; optional). Its result is the last ``{"n": n}``."""
 from __future__ import annotations
 
 import asyncio
-import math
-from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from fleet.worker import SessionContext
 
 
 class Counter:
+    """Ticks, emits and checkpoints every interval; resumes where it left off."""
+
     resumable = True
 
-    @staticmethod
-    def validate_params(params: dict[str, Any]) -> None:
-        interval = params.get("interval", 1.0)
-        if (
-            isinstance(interval, bool)
-            or not isinstance(interval, int | float)
-            or not math.isfinite(interval)
-            or not 0 < interval <= 86400
-        ):
-            raise ValueError("params.interval must be a number of seconds in (0, 86400]")
-        limit = params.get("limit")
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
-        ):
-            raise ValueError("params.limit must be a whole number >= 0")
-        unknown = set(params) - {"interval", "limit"}
-        if unknown:
-            raise ValueError(f"unknown params for the counter: {', '.join(sorted(unknown))}")
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        interval: float = Field(
+            default=1.0, gt=0, le=86400, allow_inf_nan=False, description="Seconds between ticks."
+        )
+        limit: int | None = Field(
+            default=None, ge=0, description="Complete after this many ticks (none: run on)."
+        )
 
     async def run(self, ctx: SessionContext) -> dict[str, int]:
         """Ticks until ``limit`` (or a close); the result is the last ``{"n": n}``."""

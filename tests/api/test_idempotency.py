@@ -87,13 +87,13 @@ async def test_a_key_belongs_to_its_call(client: httpx.AsyncClient) -> None:
 
 def slow_admission(node: Node, seconds: float) -> None:
     """Admission takes ``seconds`` longer: the start that holds the key holds it that long."""
-    admit = node.registry.admit
+    place = node.registry.place
 
-    async def slow_admit(node_id: str, call_id: str, session_id: str) -> None:
+    async def slow_place(*args: Any, **kwargs: Any) -> str:
         await asyncio.sleep(seconds)
-        await admit(node_id, call_id, session_id)
+        return await place(*args, **kwargs)
 
-    node.registry.admit = slow_admit  # type: ignore[method-assign]
+    node.registry.place = slow_place  # type: ignore[method-assign]
 
 
 async def test_concurrent_repeats_start_one_session(

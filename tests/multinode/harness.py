@@ -99,7 +99,7 @@ class LocalFleet:
         self._rr = itertools.cycle(range(nodes))
         self.http = httpx.Client(timeout=10)
 
-    def _make(self, name: str) -> NodeProcess:
+    def _make(self, name: str, **settings: str) -> NodeProcess:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
             "FLEET_REDIS_URL": self.redis.url,
@@ -107,6 +107,7 @@ class LocalFleet:
             "FLEET_KEY_PREFIX": self.prefix,
             "PYTHONUNBUFFERED": "1",
             **self.settings,
+            **settings,
         }
         return NodeProcess(name, free_port(), env, self.dir / f"{name}.log")
 
@@ -129,8 +130,9 @@ class LocalFleet:
         if self._own_redis:
             self.redis.stop()
 
-    def add_node(self, name: str) -> NodeProcess:
-        node = self._make(name)
+    def add_node(self, name: str, **settings: str) -> NodeProcess:
+        """Start one more node; ``settings`` are its own on top of the fleet's."""
+        node = self._make(name, **settings)
         self.nodes.append(node)
         node.start()
         self.wait_ready([node])

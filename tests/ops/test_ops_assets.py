@@ -44,9 +44,7 @@ STATES = frozenset({"starting", "running", "closing"})
 REASONS = frozenset(
     {"completed", "closed", "failed", "max_duration", "idle", "node_lost", "node_shutdown"}
 )
-CODES = frozenset(
-    {"max_sessions_per_call", "max_sessions", "node_capacity", "draining", "not_ready"}
-)
+CODES = frozenset({"max_sessions_per_call", "max_sessions", "no_capacity", "not_ready"})
 CHECKPOINT_RESULTS = frozenset({"ok", "stale", "too_large", "error"})
 FAILOVER_RESULTS = frozenset({"resumed", "lost"})
 MESSAGE_OUTCOMES = frozenset(

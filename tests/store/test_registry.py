@@ -53,14 +53,15 @@ async def test_admission_needs_a_held_lease(redis: Redis, make_settings: Setting
     [
         ({"max_sessions_per_call": 3}, "max_sessions_per_call"),
         ({"max_sessions": 3}, "max_sessions"),
-        ({"max_sessions_per_node": 3}, "node_capacity"),
+        ({"max_sessions_per_node": 3}, "no_capacity"),
     ],
 )
 async def test_concurrent_admissions_never_exceed_a_limit(
     redis: Redis, make_settings: SettingsFactory, limits: dict[str, int], code: str
 ) -> None:
     reg = await registry(redis, make_settings, **limits)
-    await reg.heartbeat("n1", {})
+    # A node's capacity is what it advertises with its lease (FLEET_MAX_SESSIONS_PER_NODE).
+    await reg.heartbeat("n1", {"capacity": str(limits.get("max_sessions_per_node", ""))})
 
     async def one(i: int) -> str:
         try:

@@ -33,7 +33,7 @@ from fleet.models import (
 )
 from fleet.runtime.node import Node
 from fleet.runtime.reports import reportable
-from fleet.settings import ID_PATTERN
+from fleet.settings import ID_PATTERN, WORKER_NAME_PATTERN
 from fleet.store.keys import make_ref
 
 router = APIRouter(tags=["sessions"])
@@ -48,8 +48,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 class StartRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    worker: str | None = Field(
+        default=None,
+        pattern=WORKER_NAME_PATTERN,
+        description="The named worker to run (GET /workers); default: the fleet's first. "
+        "422 unknown_worker when no live node runs it.",
+    )
     call_type: str = Field(default="default", pattern=ID_PATTERN)
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The worker's params, validated by its Params model (422 invalid_params "
+        "with the field errors).",
+    )
     resumable: StrictBool = Field(
         default=True,
         description="false: if its node dies, end the session as node_lost instead of "
@@ -102,7 +112,10 @@ WaitSeconds = Annotated[
             "under way, retry after Retry-After for its answer."
         },
         429: {"description": "A limit refused the session (see code)."},
-        503: {"description": "This node is draining or not ready; retry another."},
+        503: {
+            "description": "not_ready: this node cannot reach Redis; start_failed: the node "
+            "chosen for the session did not start it in time (nothing was started). Retry."
+        },
         **ERRORS,
     },
 )
@@ -136,6 +149,7 @@ async def start_session(
             principal=principal.name,
             resumable=body.resumable,
             thread_id=body.thread_id,
+            worker=body.worker,
         )
     else:
         record = await node.threads.start(
@@ -144,6 +158,7 @@ async def start_session(
             body.params,
             principal=principal.name,
             resumable=body.resumable,
+            worker=body.worker,
             thread_id=body.thread_id,
         )
         info = record.info()

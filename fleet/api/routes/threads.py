@@ -25,7 +25,7 @@ from fleet.models import (
     ThreadSessionRef,
 )
 from fleet.runtime.node import Node
-from fleet.settings import ID_PATTERN
+from fleet.settings import ID_PATTERN, WORKER_NAME_PATTERN
 from fleet.store import REDIS_ERRORS
 from fleet.store.keys import split_ref
 from fleet.store.threads import ThreadRecord
@@ -143,6 +143,11 @@ class ThreadSendRequest(SendRequest):
     params: dict[str, Any] = Field(
         default_factory=dict, description="The params of a session started for it."
     )
+    worker: str | None = Field(
+        default=None,
+        pattern=WORKER_NAME_PATTERN,
+        description="The named worker of a session started for it (default: the first).",
+    )
 
 
 @router.post(
@@ -178,6 +183,7 @@ async def send_to_thread(
         message_json(body, node.settings),
         call_id=body.call_id or thread_id,
         params=body.params,
+        worker=body.worker,
         client_id=body.id or "",
         wait=wait,
     )
