@@ -21,31 +21,27 @@ from the top level; autoscaling and podDisruptionBudget are taken key by key.
 {{- range $name := prepend (without (keys $given | sortAlpha) "default") "default" }}
 {{- $pool := get $given $name | default dict }}
 {{- if ne (toString (get $pool "enabled")) "false" }}
-{{- $autoscaling := deepCopy $.Values.autoscaling }}
-{{- range $key, $value := ($pool.autoscaling | default dict) }}
-{{- $_ := set $autoscaling $key $value }}
-{{- end }}
-{{- $disruption := deepCopy $.Values.podDisruptionBudget }}
-{{- range $key, $value := ($pool.podDisruptionBudget | default dict) }}
-{{- $_ := set $disruption $key $value }}
-{{- end }}
 {{- $default := eq $name "default" }}
-{{- $pools = append $pools (dict
+{{- $resolved := dict
   "name" $name
   "fullname" (ternary $fullname (printf "%s-%s" $fullname $name) $default)
   "component" (ternary "node" (printf "node-%s" $name) $default)
   "workers" ($pool.workers | default dict)
   "defaultWorker" ($pool.defaultWorker | default "")
-  "replicas" (ternary $pool.replicas $.Values.replicaCount (hasKey $pool "replicas"))
-  "resources" (ternary $pool.resources $.Values.resources (hasKey $pool "resources"))
-  "nodeSelector" (ternary $pool.nodeSelector $.Values.nodeSelector (hasKey $pool "nodeSelector"))
-  "tolerations" (ternary $pool.tolerations $.Values.tolerations (hasKey $pool "tolerations"))
-  "affinity" (ternary $pool.affinity $.Values.affinity (hasKey $pool "affinity"))
-  "autoscaling" $autoscaling
-  "podDisruptionBudget" $disruption
   "config" ($pool.config | default dict)
   "env" ($pool.env | default list)
-) }}
+}}
+{{- range $key, $top := dict "replicas" "replicaCount" "resources" "resources" "nodeSelector" "nodeSelector" "tolerations" "tolerations" "affinity" "affinity" }}
+{{- $_ := set $resolved $key (ternary (get $pool $key) (get $.Values $top) (hasKey $pool $key)) }}
+{{- end }}
+{{- range $key := list "autoscaling" "podDisruptionBudget" }}
+{{- $layered := deepCopy (get $.Values $key) }}
+{{- range $setting, $value := (get $pool $key | default dict) }}
+{{- $_ := set $layered $setting $value }}
+{{- end }}
+{{- $_ := set $resolved $key $layered }}
+{{- end }}
+{{- $pools = append $pools $resolved }}
 {{- end }}
 {{- end }}
 {{- toJson (dict "pools" $pools) }}
