@@ -5,6 +5,7 @@ conftest.py.
 
 from __future__ import annotations
 
+import base64
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -122,6 +123,12 @@ def fleet_container(manifests: Sequence[Manifest], deployment: str = "fleet") ->
 
 def env_of(container: Manifest) -> dict[str, Manifest]:
     return {e["name"]: e for e in container.get("env", [])}
+
+
+def secret_data(manifests: Sequence[Manifest], name: str = "fleet") -> dict[str, str]:
+    """The data of a rendered Secret, decoded."""
+    data: dict[str, str] = only(manifests, "Secret", name)["data"]
+    return {key: base64.b64decode(value).decode() for key, value in data.items()}
 
 
 def values() -> Manifest:

@@ -39,6 +39,7 @@ from tests.deploy.chart import (
     fleet_container,
     only,
     run_helm,
+    secret_data,
     values,
 )
 
@@ -90,11 +91,6 @@ def test_allow_unauthenticated_renders_without_keys(render: Render) -> None:
 
 
 # ---- a trial from no values ---------------------------------------------------------
-
-
-def secret_data(manifests: list[Manifest]) -> dict[str, str]:
-    data: dict[str, str] = only(manifests, "Secret")["data"]
-    return {key: base64.b64decode(value).decode() for key, value in data.items()}
 
 
 def test_no_values_install_a_trial(render: Render) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.chart import CHART, REPO, Manifest, only
+from tests.deploy.chart import CHART, REPO, Manifest, only, secret_data
 
 # The kinds the chart renders by default, by group/version, for discovery.
 KINDS = {
@@ -137,11 +137,6 @@ def secret(data: dict[str, str]) -> Manifest:
                    "metadata": {"name": "fleet"}})  # fmt: skip
 
 
-def decoded(manifests: list[Manifest]) -> dict[str, str]:
-    data: dict[str, str] = only(manifests, "Secret")["data"]
-    return {k: base64.b64decode(v).decode() for k, v in data.items()}
-
-
 def secret_checksum(manifests: list[Manifest]) -> str:
     deployment = only(manifests, "Deployment")
     checksum: str = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
@@ -152,12 +147,12 @@ def test_upgrade_keeps_the_generated_key(helm: str, api: tuple[FakeApi, Path]) -
     fake, kubeconfig = api
     installed = render_on_cluster(helm, kubeconfig)
     assert SECRET_PATH in fake.asked, "the render did not look the Secret up"
-    token = decoded(installed)["admin-token"]
+    token = secret_data(installed)["admin-token"]
 
     fake.secret = stored(only(installed, "Secret"))
     upgrades = [render_on_cluster(helm, kubeconfig) for _ in range(2)]
     for upgraded in upgrades:
-        assert decoded(upgraded) == {"FLEET_API_KEYS": f"admin:{token}", "admin-token": token}
+        assert secret_data(upgraded) == {"FLEET_API_KEYS": f"admin:{token}", "admin-token": token}
     # Same Secret, same checksum: an upgrade that changes nothing restarts no pod.
     assert secret_checksum(upgrades[0]) == secret_checksum(upgrades[1])
     assert secret_checksum(upgrades[0]) == secret_checksum(installed)
@@ -170,6 +165,6 @@ def test_keys_chosen_before_are_not_taken_for_a_generated_one(
     old admin token under another name."""
     fake, kubeconfig = api
     fake.secret = secret({"FLEET_API_KEYS": "admin:chosen-token-0123456789"})
-    data = decoded(render_on_cluster(helm, kubeconfig))
+    data = secret_data(render_on_cluster(helm, kubeconfig))
     assert data["admin-token"] != "chosen-token-0123456789"
     assert data["FLEET_API_KEYS"] == f"admin:{data['admin-token']}"
