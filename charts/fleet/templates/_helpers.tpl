@@ -74,10 +74,44 @@ app.kubernetes.io/component: node
 {{- end }}
 
 {{/*
+True (non-empty) when the release runs the trial Redis: redis.trial.enabled=true, or
+left at null while neither redis.url nor existingSecret names a Redis.
+*/}}
+{{- define "fleet.trialRedis" -}}
+{{- $enabled := .Values.redis.trial.enabled }}
+{{- if kindIs "invalid" $enabled }}
+{{- if not (or .Values.redis.url .Values.existingSecret) }}true{{ end }}
+{{- else if $enabled }}true{{ end }}
+{{- end }}
+
+{{/*
+True (non-empty) when nothing says who may use fleet, so the chart makes up an API key
+for the principal admin.
+*/}}
+{{- define "fleet.generatesApiKey" -}}
+{{- if not (or .Values.auth.apiKeys .Values.existingSecret .Values.auth.allowUnauthenticated) }}true{{ end }}
+{{- end }}
+
+{{/*
+The generated admin token: the one the release's Secret already holds, so that
+`helm upgrade` keeps it, else a new one. Without a cluster (`helm template`) lookup
+finds nothing and every render makes a new one. Kept in .Values for the rest of the
+render, so that the Secret and its checksum annotation hold the same token.
+*/}}
+{{- define "fleet.generatedToken" -}}
+{{- if not (hasKey .Values.auth "_generatedToken") }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "fleet.secretName" .) }}
+{{- $token := dig "data" "admin-token" "" $existing | b64dec }}
+{{- $_ := set .Values.auth "_generatedToken" (default (randAlphaNum 32) $token) }}
+{{- end }}
+{{- .Values.auth._generatedToken }}
+{{- end }}
+
+{{/*
 True (non-empty) when the chart's own Secret has something to hold.
 */}}
 {{- define "fleet.ownSecret" -}}
-{{- if or (and .Values.redis.url (not .Values.redis.trial.enabled)) .Values.auth.apiKeys }}true{{ end }}
+{{- if or .Values.redis.url .Values.auth.apiKeys (include "fleet.generatesApiKey" .) }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -92,18 +126,15 @@ The API keys as FLEET_API_KEYS wants them: principal:token,principal:token (sort
 {{- end }}
 
 {{/*
-Refuse a release that cannot work: fleet needs a Redis, and a node that anyone can
-reach must be told who may use it.
+Refuse a release that cannot work: no Redis (the trial one turned off and none named),
+two of them, a token too short, a termination budget shorter than the drain.
 */}}
 {{- define "fleet.validate" -}}
-{{- if not (or .Values.redis.url .Values.existingSecret .Values.redis.trial.enabled) }}
-{{- fail "\n\nfleet needs a Redis. Set one of:\n  redis.url=redis://HOST:6379/0 (or a rediss://, Sentinel or Cluster URL),\n  existingSecret=NAME (a Secret with key FLEET_REDIS_URL, see existingSecretKeys),\n  redis.trial.enabled=true (a single-instance Redis for trials, not for production)." }}
+{{- if not (or .Values.redis.url .Values.existingSecret (include "fleet.trialRedis" .)) }}
+{{- fail "\n\nfleet needs a Redis, and redis.trial.enabled=false turns off the trial one. Set one of:\n  redis.url=redis://HOST:6379/0 (or a rediss://, Sentinel or Cluster URL),\n  existingSecret=NAME (a Secret with key FLEET_REDIS_URL, see existingSecretKeys),\n  redis.trial.enabled=true, or leave it unset (a single-instance Redis for trials, not for production)." }}
 {{- end }}
 {{- if and .Values.redis.url .Values.redis.trial.enabled }}
 {{- fail "\n\nSet either redis.url or redis.trial.enabled=true, not both." }}
-{{- end }}
-{{- if not (or .Values.auth.apiKeys .Values.existingSecret .Values.auth.allowUnauthenticated) }}
-{{- fail "\n\nfleet nodes need API keys. Set auth.apiKeys.PRINCIPAL=TOKEN (token of 16 or more characters), or existingSecret=NAME (a Secret with key FLEET_API_KEYS), or auth.allowUnauthenticated=true to let anyone who reaches the Service use it." }}
 {{- end }}
 {{- range $principal, $token := .Values.auth.apiKeys }}
 {{- if lt (len (toString $token)) 16 }}
@@ -140,7 +171,7 @@ and the helm test pod.
 */}}
 {{- define "fleet.redisUrlEnv" -}}
 - name: FLEET_REDIS_URL
-{{- if .Values.redis.trial.enabled }}
+{{- if include "fleet.trialRedis" . }}
   value: {{ printf "redis://%s:6379/0" (include "fleet.trialRedisName" .) | quote }}
 {{- else if .Values.redis.url }}
   valueFrom:
@@ -156,7 +187,7 @@ and the helm test pod.
 {{- end }}
 
 {{- define "fleet.apiKeysEnv" -}}
-{{- if .Values.auth.apiKeys }}
+{{- if or .Values.auth.apiKeys (include "fleet.generatesApiKey" .) }}
 - name: FLEET_API_KEYS
   valueFrom:
     secretKeyRef:
@@ -175,22 +206,25 @@ and the helm test pod.
 {{- end }}
 
 {{/*
-Default spread: across zones and nodes, best effort, counting pods of the same rollout
-only (matchLabelKeys) so that an update does not skew the new ReplicaSet.
+Default spread: across zones and nodes, best effort, counting pods of the same pool and
+rollout only (matchLabelKeys) so that an update does not skew the new ReplicaSet.
+Args: root, pool.
 */}}
 {{- define "fleet.topologySpreadConstraints" -}}
-{{- if .Values.topologySpreadConstraints }}
-{{- range .Values.topologySpreadConstraints }}
-- {{ toYaml (merge (dict) . (dict "labelSelector" (dict "matchLabels" (fromYaml (include "fleet.nodeSelectorLabels" $))))) | nindent 2 | trim }}
+{{- $selector := include "fleet.poolSelectorLabels" . }}
+{{- $values := .root.Values }}
+{{- if $values.topologySpreadConstraints }}
+{{- range $values.topologySpreadConstraints }}
+- {{ toYaml (merge (dict) . (dict "labelSelector" (dict "matchLabels" (fromYaml $selector)))) | nindent 2 | trim }}
 {{- end }}
-{{- else if .Values.topologySpread.enabled }}
+{{- else if $values.topologySpread.enabled }}
 {{- range list "topology.kubernetes.io/zone" "kubernetes.io/hostname" }}
 - maxSkew: 1
   topologyKey: {{ . }}
   whenUnsatisfiable: ScheduleAnyway
   labelSelector:
     matchLabels:
-      {{- include "fleet.nodeSelectorLabels" $ | nindent 6 }}
+      {{- $selector | nindent 6 }}
   matchLabelKeys:
     - pod-template-hash
 {{- end }}
