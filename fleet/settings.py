@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     #: ``module:attr``, or several named ones: ``name=module:attr,name=module:attr`` (the
     #: first is the default; a bare ``module:attr`` is named after its attr).
     worker: str = "counter=fleet.workers.counter:Counter"
+    #: The worker of a start that names none: one name for the whole fleet, for pools
+    #: whose nodes run different worker sets ("": the first of this node's FLEET_WORKER).
+    default_worker: Annotated[str, Field(pattern=r"^([A-Za-z0-9._-]{1,64})?$")] = ""
     #: Where a start goes when the node asked can take it: ``local`` (there; elsewhere
     #: only when it cannot) or ``spread`` (the node with the most room, the asked one on a
     #: tie).

@@ -88,8 +88,8 @@ class Starts:
         if not ready and reason != "draining":  # a draining node places elsewhere
             metrics.ADMISSION_REJECTED.labels("not_ready").inc()
             raise NotAccepting("not_ready", f"this node does not take new sessions now ({reason})")
-        spec = self.workers.get(worker)
-        name = spec.name if spec is not None else str(worker)
+        name = worker or self.host.settings.default_worker or self.workers.default.name
+        spec = self.workers.get(name)
         if spec is not None:
             params = spec.validate_params(params)
         elif name not in await self.directory.known_workers():
