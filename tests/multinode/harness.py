@@ -96,7 +96,7 @@ class LocalFleet:
             **settings,
         }
         self.nodes = [self._make(f"node-{i}") for i in range(nodes)]
-        self._rr = itertools.cycle(range(nodes))
+        self._rr = itertools.count()
         self.http = httpx.Client(timeout=10)
 
     def _make(self, name: str, **settings: str) -> NodeProcess:
@@ -167,7 +167,7 @@ class LocalFleet:
     # -- requests ---------------------------------------------------------------------
     def next_node(self) -> NodeProcess:
         for _ in self.nodes:
-            node = self.nodes[next(self._rr)]
+            node = self.nodes[next(self._rr) % len(self.nodes)]
             if node.alive():
                 return node
         raise AssertionError("no node is alive")

@@ -21,8 +21,8 @@ VOICE = "voice=tests.workers:Voice"
 MIGRATABLE = "counter=tests.workers:Migratable"
 
 
-def sessions_per_node(fleet: LocalFleet) -> dict[str, int]:
-    nodes = fleet.request("GET", "/nodes").json()["nodes"]
+def sessions_per_node(fleet: LocalFleet, via: NodeProcess | None = None) -> dict[str, int]:
+    nodes = fleet.request("GET", "/nodes", via).json()["nodes"]
     return {n["node_id"]: n["sessions"] for n in nodes}
 
 
@@ -118,10 +118,10 @@ def test_a_target_killed_during_a_forward_leaves_no_slot_behind() -> None:
         # The dead node's slot is reaped like any dead node's: nothing is left live.
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            if set(sessions_per_node(fleet)) == {"plain"}:
+            if set(sessions_per_node(fleet, plain)) == {"plain"}:
                 break
             time.sleep(0.2)
-        assert sessions_per_node(fleet) == {"plain": 0}
+        assert sessions_per_node(fleet, plain) == {"plain": 0}
         assert fleet.request("GET", "/sessions?state=running", plain).json()["sessions"] == []
 
 
@@ -168,7 +168,9 @@ def drain_seconds(node: NodeProcess) -> float:
 def test_a_draining_node_hands_migratable_sessions_off_at_once() -> None:
     with LocalFleet(3, FLEET_WORKER=MIGRATABLE, FLEET_DRAIN_TIMEOUT="30") as fleet:
         first = fleet.nodes[0]
-        sids = [fleet.start("c", node=first, params={"interval": 0.05})["session_id"] for _ in range(20)]
+        sids = [
+            fleet.start("c", node=first, params={"interval": 0.05})["session_id"] for _ in range(20)
+        ]
         assert sessions_per_node(fleet)["node-0"] == 20
         assert drain_seconds(first) < 10  # not FLEET_DRAIN_TIMEOUT
         for sid in sids:
