@@ -82,6 +82,29 @@ def test_dead_node_sessions_resume(topology: Topology) -> None:
             assert info["node_id"] != victim.name and info["checkpoint_version"] >= 5
 
 
+def test_placement_and_migration(topology: Topology) -> None:
+    """Starts sent to one full node are placed on the others (and forwarded over their
+    channels); a migrated session resumes on another node from its checkpoint. On Cluster
+    the calls' slots spread over every shard."""
+    with LocalFleet(3, redis=topology, FLEET_MAX_SESSIONS_PER_NODE="3") as fleet:
+        first = fleet.nodes[0]
+        placed = [fleet.start(f"call-{i}", node=first, params={"interval": 0.05}) for i in range(9)]
+        assert sorted(p["node_id"] for p in placed) == sorted(["node-0", "node-1", "node-2"] * 3)
+        full = fleet.request("POST", "/calls/more/sessions", first)
+        assert full.status_code == 429 and full.json()["code"] == "no_capacity"
+        fleet.request("DELETE", f"/calls/call-0/sessions/{placed[0]['session_id']}")
+        elsewhere = next(p for p in placed if p["node_id"] != placed[0]["node_id"])
+        call = elsewhere["call_id"]
+        sid = elsewhere["session_id"]
+        fleet.wait_session("call-0", placed[0]["session_id"], state="ended")
+        time.sleep(0.2)  # a checkpoint or two
+        moved = fleet.request("POST", f"/calls/{call}/sessions/{sid}/migrate", first)
+        assert moved.status_code == 202, moved.text
+        info = fleet.wait_session(call, sid, state="running", resumed_count=1)
+        assert info["node_id"] == placed[0]["node_id"]  # the only node with room
+        assert info["checkpoint_version"] >= 2
+
+
 def test_sentinel_failover_keeps_sessions_running() -> None:
     topo = LocalSentinel().start()
     try:
