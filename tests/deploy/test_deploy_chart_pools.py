@@ -289,3 +289,13 @@ def test_render_refuses_pools_that_cannot_work(
 def test_fleet_worker_takes_every_form_of_fleet_worker(render: Render, worker: str) -> None:
     manifests = render(*MINIMAL, "--set-string", "fleet.worker=" + worker.replace(",", "\\,"))
     assert only(manifests, "ConfigMap")["data"]["FLEET_WORKER"] == worker
+
+
+def test_one_default_worker_for_every_pool(helm: str, render: Render) -> None:
+    data = only(render(*FIXED, "--set", "fleet.defaultWorker=support"), "ConfigMap")["data"]
+    assert data["FLEET_DEFAULT_WORKER"] == "support"
+    assert "FLEET_DEFAULT_WORKER" not in only(render(*FIXED), "ConfigMap")["data"]
+    refused = run_helm(
+        helm, "template", "fleet", str(CHART), *FIXED, "--set", "fleet.defaultWorker=no spaces"
+    )
+    assert refused.returncode != 0 and "defaultWorker" in refused.stderr
