@@ -62,8 +62,10 @@ class Background:
 
     async def __aenter__(self) -> Background:
         await self.registry.load()
-        info = {"host": "bench", "started_at": repr(time.time()), "capacity": "0"}
-        await self.registry.heartbeat(FAKE_NODE, {**info, "draining": "1", "version": "bench"})
+        # It runs no worker, so placement and failover never pick it; the background
+        # sessions are placed on it by name (worker "" = any).
+        info = {"host": "bench", "started_at": repr(time.time()), "workers": ""}
+        await self.registry.heartbeat(FAKE_NODE, {**info, "version": "bench"})
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -85,9 +87,16 @@ class Background:
             started_at=time.time(),
         )
         admit = (
-            "admit",  # the keys and arguments of Registry.admit, without limits
-            [k.nodes(), k.node_sessions(FAKE_NODE), k.call_counts(), k.live()],
-            [FAKE_NODE, make_ref(call_id, session_id), call_id, -1, -1, -1],
+            "place",  # the keys and arguments of Registry.admit, without limits
+            [
+                k.nodes(),
+                k.call_counts(),
+                k.live(),
+                k.settling(),
+                k.node_sessions(FAKE_NODE),
+                k.node_info(FAKE_NODE),
+            ],
+            [make_ref(call_id, session_id), call_id, -1, -1, "", "local", FAKE_NODE],
         )
         return [admit, self.registry._create_call(record)]
 

@@ -52,7 +52,7 @@ async def test_figures_follow_the_sessions(client: httpx.AsyncClient) -> None:
         )
         == 3
     )
-    assert delta("fleet_redis_command_seconds_count", command="admit") == 3
+    assert delta("fleet_redis_command_seconds_count", command="place") == 3
     # Series for later events exist at zero already, so rate() and increase() see the first.
     assert ("fleet_failovers_total", (("result", "lost"),)) in samples(after)
 
