@@ -44,6 +44,8 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
     app.state.node = fleet.node
     errors.install(app)
     checks.document(app)
+    # The whole API. A new router module goes in fleet.api.router (GUARDED or OPEN), not
+    # here: there it is bound to its Fleet, in this app and in any other.
     app.include_router(fleet.router)
     if settings.api_docs != "off":
         app.include_router(_docs_router(app, fleet, public=settings.api_docs == "public"))
