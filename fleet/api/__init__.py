@@ -1,5 +1,6 @@
-"""The HTTP API: ``create_app(settings)``."""
+"""The HTTP API: ``create_app(settings)``, and ``Fleet`` to embed it in an app of your own."""
 
 from fleet.api.app import create_app
+from fleet.api.library import Fleet
 
-__all__ = ["create_app"]
+__all__ = ["Fleet", "create_app"]

@@ -1,9 +1,10 @@
-"""``create_app(settings)``: the FastAPI application of one node."""
+"""``create_app(settings)``: the FastAPI application of one node, a ``fleet.Fleet`` in an
+app of its own: its router at the root, its lifespan, and what only fleet's own app adds
+(the documentation pages, CORS, request ids and HTTP metrics, the answers to requests no
+route matched)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import quote
 
@@ -18,51 +19,36 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from fleet import __version__
 from fleet.api import checks, errors
-from fleet.api.auth import ACCESS_TOKEN, TokenTable, get_docs_principal
+from fleet.api.auth import ACCESS_TOKEN, get_docs_principal
+from fleet.api.library import Fleet
 from fleet.api.middleware import HttpEdge
-from fleet.api.routes import events, health, messages, migrate, nodes, sessions, threads
 from fleet.runtime.node import Node
 from fleet.settings import Settings
 
 
 def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
     """The app runs ``node`` (a new ``Node(settings)`` by default) for its lifespan."""
-    running = node if node is not None else Node(settings)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await running.start()
-        try:
-            yield
-        finally:
-            await running.stop()
-
+    fleet = Fleet(settings, node)
     app = FastAPI(
         title="fleet",
         version=__version__,
         description="Long-lived worker sessions on a fleet of stateless nodes.",
-        lifespan=lifespan,
+        lifespan=fleet.lifespan,
         # Served by _docs_router instead, so that FLEET_API_DOCS decides who may read them.
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
-        # Unknown query parameters and non-JSON bodies are refused, on every route.
-        dependencies=[Depends(checks.RequestChecks())],
     )
     app.state.settings = settings
-    app.state.node = running
-    app.state.tokens = TokenTable(settings.principals())
+    app.state.fleet = fleet
+    app.state.node = fleet.node
     errors.install(app)
     checks.document(app)
-    app.include_router(sessions.router)
-    app.include_router(messages.router)
-    app.include_router(migrate.router)
-    app.include_router(events.router)
-    app.include_router(threads.router)
-    app.include_router(nodes.router)
-    app.include_router(health.router)
+    # The whole API. A new router module goes in fleet.api.router (GUARDED or OPEN), not
+    # here: there it is bound to its Fleet, in this app and in any other.
+    app.include_router(fleet.router)
     if settings.api_docs != "off":
-        app.include_router(_docs_router(app, public=settings.api_docs == "public"))
+        app.include_router(_docs_router(app, fleet, public=settings.api_docs == "public"))
     if settings.cors_origin_list():
         app.add_middleware(
             CORSMiddleware,
@@ -86,13 +72,17 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
 _DOCS_HEADERS = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
-def _docs_router(app: FastAPI, public: bool) -> APIRouter:
+def _docs_router(app: FastAPI, fleet: Fleet, public: bool) -> APIRouter:
     """/openapi.json, /docs (Swagger UI) and /redoc. Unless public they need a token when
     keys are set, which a browser opening a page can only give as ``?access_token=``; the
-    pages then fetch the document with that same token."""
+    pages then fetch the document with that same token. Checked like the API's routes."""
     router = APIRouter(
         include_in_schema=False,
-        dependencies=[] if public else [Depends(get_docs_principal)],
+        dependencies=[
+            Depends(checks.RequestChecks()),
+            Depends(fleet.bind),
+            *([] if public else [Depends(get_docs_principal)]),
+        ],
     )
 
     def root(request: Request) -> str:
@@ -101,7 +91,7 @@ def _docs_router(app: FastAPI, public: bool) -> APIRouter:
     def spec_url(request: Request) -> str:
         url = root(request) + "/openapi.json"
         token = request.query_params.get(ACCESS_TOKEN)
-        if public or not token or not request.app.state.tokens:
+        if public or not token or not fleet.tokens:
             return url
         # Checked by get_docs_principal; quoted, as the pages put it in a script unescaped.
         return f"{url}?{ACCESS_TOKEN}={quote(token, safe='')}"

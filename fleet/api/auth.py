@@ -16,6 +16,11 @@ The permission hooks (start, view, stream, close, beacon close, send, migrate, m
 are plain dependencies (``async def``: a plain ``def`` would run in a thread pool, which
 costs more than the check): replace them with
 ``app.dependency_overrides[view_permission] = my_view_permission`` (see docs/security.md).
+
+fleet's routes may run in an app that is not fleet's (``fleet.Fleet``'s router), so they
+find the tokens in the request's scope, put there by the Fleet they belong to, not in the
+app's state. An app that decides who is asking itself (``Fleet(settings, principal=...)``)
+puts its principal there too, and it stands for every route instead of a token.
 """
 
 from __future__ import annotations
@@ -25,18 +30,29 @@ import email.parser
 import email.policy
 import hashlib
 import hmac
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import parse_qs
 
 from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
 
 from fleet.errors import FleetError
 from fleet.models import SessionRecord
+from fleet.settings import ID_PATTERN
 
 ADMIN = "admin"
 ACCESS_TOKEN = "access_token"  # the query parameter and form field, where they are accepted
+
+# Request scope keys, set by the Fleet whose route serves the request.
+TOKENS_KEY = "fleet.tokens"  # its TokenTable
+PRINCIPAL_KEY = "fleet.principal"  # the principal its app decided, if it decides
+UNBOUND = (
+    "fleet's routes run in the router of a fleet.Fleet (Fleet(settings).router); "
+    "this request did not come through one"
+)
 
 
 class Unauthorized(FleetError):
@@ -54,6 +70,17 @@ class Principal:
 
 
 ANONYMOUS = Principal("anonymous", admin=True)
+
+_NAME = re.compile(ID_PATTERN)
+
+
+def as_principal(who: Principal | str) -> Principal:
+    """``who`` as a principal (a name is ``admin`` only if it is ``"admin"``). Its name must
+    be an id: an empty one would read as "any owner" where ownership is checked."""
+    principal = who if isinstance(who, Principal) else Principal(who, admin=who == ADMIN)
+    if not _NAME.match(principal.name):
+        raise ValueError(f"a principal's name must match {ID_PATTERN}, not {principal.name!r}")
+    return principal
 
 
 class TokenTable:
@@ -80,16 +107,34 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+def _bearer(conn: HTTPConnection) -> str | None:
+    header = conn.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return None
 
 
-def _authenticate(request: Request, token: str | None) -> Principal:
-    table: TokenTable = request.app.state.tokens
+def _table(conn: HTTPConnection) -> TokenTable:
+    try:
+        table: TokenTable = conn.scope[TOKENS_KEY]
+    except KeyError:
+        raise RuntimeError(UNBOUND) from None
+    return table
+
+
+def _decided(conn: HTTPConnection) -> Principal | None:
+    """The principal the app decided for this request, if it decides (and then no token
+    counts)."""
+    principal: Principal | None = conn.scope.get(PRINCIPAL_KEY)
+    return principal
+
+
+def _authenticate(conn: HTTPConnection, token: str | None) -> Principal:
+    decided = _decided(conn)
+    if decided is not None:
+        return decided
+    table = _table(conn)
     if not table:
         return ANONYMOUS
     if token is None:
@@ -100,8 +145,8 @@ def _authenticate(request: Request, token: str | None) -> Principal:
     return principal
 
 
-def _bearer_or_query(request: Request) -> str | None:
-    return _bearer(request) or request.query_params.get(ACCESS_TOKEN)
+def _bearer_or_query(conn: HTTPConnection) -> str | None:
+    return _bearer(conn) or conn.query_params.get(ACCESS_TOKEN)
 
 
 async def get_principal(request: Request) -> Principal:
@@ -128,9 +173,19 @@ async def get_beacon_principal(request: Request) -> Principal:
     (form-encoded, multipart, or ``text/plain`` holding ``access_token=<url-encoded>``).
     The body keeps the token out of URLs, hence out of access logs: prefer it."""
     token = _bearer_or_query(request)
-    if token is None and request.app.state.tokens:
+    if token is None and _decided(request) is None and _table(request):
         token = await _body_token(request)
     return _authenticate(request, token)
+
+
+def socket_principal(conn: HTTPConnection) -> Principal | None:
+    """Who opened a WebSocket (``None``: no valid token). The same rules as the event
+    stream: ``Authorization: Bearer`` or, for browsers, which cannot set headers on a
+    WebSocket, ``?access_token=``."""
+    try:
+        return _authenticate(conn, _bearer_or_query(conn))
+    except Unauthorized:
+        return None
 
 
 async def _body_token(request: Request) -> str | None:

@@ -1,22 +1,36 @@
 """FastAPI dependencies, as ``Annotated`` aliases. The permission hooks are plain
-dependencies: a deployer replaces them with ``app.dependency_overrides``."""
+dependencies: a deployer replaces them with ``app.dependency_overrides``.
+
+fleet's routes may run in an app that is not fleet's, so they find their node in the
+request's scope (put there by the ``fleet.Fleet`` whose router serves the request), never
+in the app's state."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path
+from starlette.requests import HTTPConnection
 
-from fleet.api.auth import OwnedBy, RecordCheck
+from fleet.api.auth import UNBOUND, OwnedBy, RecordCheck
 from fleet.errors import SessionNotFound
 from fleet.models import SessionRecord
 from fleet.runtime.node import Node
 from fleet.settings import ID_PATTERN
 
+NODE_KEY = "fleet.node"  # the request scope's key for the node that serves it
 
-async def get_node(request: Request) -> Node:
-    node: Node = request.app.state.node
+
+def node_of(conn: HTTPConnection) -> Node:
+    try:
+        node: Node = conn.scope[NODE_KEY]
+    except KeyError:
+        raise RuntimeError(UNBOUND) from None
     return node
+
+
+async def get_node(conn: HTTPConnection) -> Node:
+    return node_of(conn)
 
 
 NodeDep = Annotated[Node, Depends(get_node)]

@@ -1,5 +1,6 @@
 """Every error answers ``{"detail": "<sentence>", "code": "<machine code>"}``. This is the
-one place that maps fleet's errors to HTTP status codes."""
+one place that maps fleet's errors to HTTP status codes: for fleet's own app (``install``)
+and for fleet's routes in any app (``route_error_response``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet import errors
 from fleet.api.auth import Forbidden, Unauthorized
+from fleet.api.middleware import BodyTooLarge
 
 log = logging.getLogger("fleet.api")
 
@@ -82,27 +84,67 @@ def _allowed_methods(request: Request) -> str:
     )
 
 
+def fleet_error_response(exc: errors.FleetError) -> JSONResponse:
+    status = next((s for t, s in STATUS.items() if isinstance(exc, t)), 500)
+    retry = status in (429, 503) or isinstance(exc, errors.IdempotencyInProgress)
+    headers = {"Retry-After": "1"} if retry else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, errors.InvalidParams) and exc.errors:
+        body = {"detail": exc.detail, "code": exc.code, "errors": exc.errors}
+        return JSONResponse(body, status_code=status, headers=headers)
+    return error_response(status, exc.detail, exc.code, headers)
+
+
+def invalid_response(exc: RequestValidationError) -> JSONResponse:
+    return error_response(422, _describe(exc), "invalid_request")
+
+
+def _unparsable(exc: StarletteHTTPException) -> bool:
+    """FastAPI's answer to a body it cannot even decode: malformed, like any other."""
+    return exc.status_code == 400 and exc.detail == "There was an error parsing the body"
+
+
+def redis_down_response(request: Request, exc: RedisError) -> JSONResponse:
+    # One failed request does not make the node unready: the lease loop decides that.
+    log.warning("Redis error on %s: %s", request.url.path, type(exc).__name__)
+    return error_response(
+        503, "Redis did not answer; retry shortly", "redis_unavailable", {"Retry-After": "1"}
+    )
+
+
+def route_error_response(request: Request, exc: Exception) -> JSONResponse | None:
+    """fleet's answer to an error raised while one of its own routes ran, in whatever app
+    the route is mounted (``fleet.api.router.FleetRoute``); ``None`` for the errors that are
+    the app's to answer: an HTTPException fleet did not raise (a host's own dependency may
+    raise one), and unexpected errors."""
+    if isinstance(exc, errors.FleetError):
+        return fleet_error_response(exc)
+    if isinstance(exc, RequestValidationError):
+        return invalid_response(exc)
+    if isinstance(exc, RedisError):
+        return redis_down_response(request, exc)
+    if isinstance(exc, BodyTooLarge):
+        # The rest of the body is never read: the connection cannot serve another request.
+        headers = {"Connection": "close"}
+        return error_response(413, str(exc.detail), "body_too_large", headers)
+    if isinstance(exc, StarletteHTTPException) and _unparsable(exc):
+        return error_response(422, NOT_JSON, "invalid_request")
+    return None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(errors.FleetError)
     async def fleet_error(request: Request, exc: errors.FleetError) -> JSONResponse:
-        status = next((s for t, s in STATUS.items() if isinstance(exc, t)), 500)
-        retry = status in (429, 503) or isinstance(exc, errors.IdempotencyInProgress)
-        headers = {"Retry-After": "1"} if retry else None
-        if status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
-        if isinstance(exc, errors.InvalidParams) and exc.errors:
-            body = {"detail": exc.detail, "code": exc.code, "errors": exc.errors}
-            return JSONResponse(body, status_code=status, headers=headers)
-        return error_response(status, exc.detail, exc.code, headers)
+        return fleet_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, _describe(exc), "invalid_request")
+        return invalid_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-            # FastAPI's answer to a body it cannot even decode: malformed, like any other.
+        if _unparsable(exc):
             return error_response(422, NOT_JSON, "invalid_request")
         headers = exc.headers
         if exc.status_code == 405:
@@ -112,11 +154,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
-        # One failed request does not make the node unready: the lease loop decides that.
-        log.warning("Redis error on %s: %s", request.url.path, type(exc).__name__)
-        return error_response(
-            503, "Redis did not answer; retry shortly", "redis_unavailable", {"Retry-After": "1"}
-        )
+        return redis_down_response(request, exc)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

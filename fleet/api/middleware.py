@@ -23,6 +23,23 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body is over {limit} bytes")
 
 
+def limit_body(receive: Receive, limit: int) -> Receive:
+    """``receive``, raising ``BodyTooLarge`` once the request body streams past ``limit``
+    bytes."""
+    seen = 0
+
+    async def limited_receive() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return limited_receive
+
+
 class HttpEdge:
     """Every HTTP request passes here first: it honours or sets ``X-Request-ID``, counts the
     request by route template and status class, and answers 413 to a body over ``limit``
@@ -44,17 +61,7 @@ class HttpEdge:
         token = request_id_var.set(request_id)
         status = 500
         started = False
-        seen = 0
         began = time.perf_counter()
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge(self.limit)
-            return message
 
         async def wrapped_send(message: Message) -> None:
             nonlocal status, started
@@ -73,7 +80,7 @@ class HttpEdge:
                 await self._reject(wrapped_send)
             else:
                 try:
-                    await self.app(scope, limited_receive, wrapped_send)
+                    await self.app(scope, limit_body(receive, self.limit), wrapped_send)
                 except BodyTooLarge:
                     if not started:
                         await self._reject(wrapped_send)

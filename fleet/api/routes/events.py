@@ -21,15 +21,14 @@ from starlette.responses import Response
 
 from fleet.api import streams
 from fleet.api.auth import (
-    ANONYMOUS,
     CanStream,
     OwnedBy,
     Principal,
-    TokenTable,
     owns,
     send_permission,
+    socket_principal,
 )
-from fleet.api.deps import CallId, NodeDep, SessionId, visible
+from fleet.api.deps import CallId, NodeDep, SessionId, node_of, visible
 from fleet.api.routes.messages import SendRequest, send_message
 from fleet.api.streams import EventStream
 from fleet.errors import FleetError, SessionNotFound
@@ -104,9 +103,9 @@ async def session_socket(
     session (or another principal's), 4422 for a malformed ``after``. It applies the
     ownership rule itself: the ``stream_permission`` hook (a FastAPI dependency that needs
     an HTTP request) governs the event stream only."""
-    node: Node = websocket.app.state.node
+    node = node_of(websocket)
     await websocket.accept()
-    principal = _socket_principal(websocket)
+    principal = socket_principal(websocket)
     if principal is None:
         await websocket.close(WS_UNAUTHORIZED, "a valid bearer token is needed")
         return
@@ -143,19 +142,6 @@ async def session_socket(
     if sender in done and sender.exception() is None:  # the session ended, the client stays
         with contextlib.suppress(Exception):
             await websocket.close(1000, "session ended")
-
-
-def _socket_principal(websocket: WebSocket) -> Principal | None:
-    """Who opened the socket (``None``: no valid token). The same rules as the event
-    stream: ``Authorization: Bearer`` or, for browsers, which cannot set headers on a
-    WebSocket, ``?access_token=``."""
-    table: TokenTable = websocket.app.state.tokens
-    if not table:
-        return ANONYMOUS
-    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    token = token.strip() if scheme.lower() == "bearer" else ""
-    token = token or websocket.query_params.get("access_token", "")
-    return table.lookup(token) if token else None
 
 
 async def _send_events(websocket: WebSocket, listener: Listener, lock: asyncio.Lock) -> None:

@@ -139,31 +139,43 @@ async def start_session(
     text/event-stream`` the answer is the session's events until ``session_ended``; a
     repeat with the same ``Idempotency-Key`` streams the first start's session again."""
     body = body or StartRequest()
+    info = await begin(node, call_id, body, principal.name, idempotency_key)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return _stream(node, info, close_on_disconnect=body.close_on_disconnect)
+    return await waited(node, info, wait)
+
+
+async def begin(
+    node: Node, call_id: str, body: StartRequest, principal: str, idempotency_key: str | None
+) -> SessionInfo:
+    """A start, as the route and ``fleet.Fleet.start_session`` make it: once per
+    ``Idempotency-Key`` when one is given, on a thread when the body names one."""
     check_params(body.params, node.settings)
     if idempotency_key is not None:
-        info = await node.idempotent.start(
+        return await node.idempotent.start(
             idempotency_key,
             call_id,
             body.call_type,
             body.params,
-            principal=principal.name,
+            principal=principal,
             resumable=body.resumable,
             thread_id=body.thread_id,
             worker=body.worker,
         )
-    else:
-        record = await node.threads.start(
-            call_id,
-            body.call_type,
-            body.params,
-            principal=principal.name,
-            resumable=body.resumable,
-            worker=body.worker,
-            thread_id=body.thread_id,
-        )
-        info = record.info()
-    if "text/event-stream" in request.headers.get("accept", ""):
-        return _stream(node, info, close_on_disconnect=body.close_on_disconnect)
+    record = await node.threads.start(
+        call_id,
+        body.call_type,
+        body.params,
+        principal=principal,
+        resumable=body.resumable,
+        worker=body.worker,
+        thread_id=body.thread_id,
+    )
+    return record.info()
+
+
+async def waited(node: Node, info: SessionInfo, wait: float | None) -> SessionInfo:
+    """With ``wait`` (invoke): the session once it has ended, else as it runs."""
     if wait:
         ended = await node.wait_for_end(info.call_id, info.session_id, wait)
         if ended is not None:
