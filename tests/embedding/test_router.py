@@ -152,3 +152,18 @@ async def test_a_host_principal_that_is_no_principal_is_a_bug_of_the_host(
         assert (await client.post(SESSIONS)).status_code == 500
         assert (await client.get("/fleet/sessions")).status_code == 500
         assert (await client.get("/fleet/health")).status_code == 200
+
+
+async def test_a_streamed_start_names_the_session_under_the_prefix(
+    make_settings: SettingsFactory,
+) -> None:
+    async with client_of(host_app(Fleet(make_settings()))) as client:
+        body = {"params": {"interval": 0.01, "limit": 1}}
+        headers = {"accept": "text/event-stream"}
+        async with client.stream("POST", SESSIONS, json=body, headers=headers) as resp:
+            assert resp.status_code == 200
+            where = resp.headers["location"]
+            async for _ in resp.aiter_lines():
+                pass
+        assert where.startswith(f"{SESSIONS}/")
+        assert (await client.get(where)).json()["state"] == "ended"

@@ -141,7 +141,9 @@ async def start_session(
     body = body or StartRequest()
     info = await begin(node, call_id, body, principal.name, idempotency_key)
     if "text/event-stream" in request.headers.get("accept", ""):
-        return _stream(node, info, close_on_disconnect=body.close_on_disconnect)
+        # The session's own URL: this path and its id, under whatever prefix fleet is at.
+        location = f"{request.url.path.rstrip('/')}/{info.session_id}"
+        return _stream(node, info, location, close_on_disconnect=body.close_on_disconnect)
     return await waited(node, info, wait)
 
 
@@ -183,7 +185,9 @@ async def waited(node: Node, info: SessionInfo, wait: float | None) -> SessionIn
     return info
 
 
-def _stream(node: Node, info: SessionInfo, *, close_on_disconnect: bool) -> EventStream:
+def _stream(
+    node: Node, info: SessionInfo, location: str, *, close_on_disconnect: bool
+) -> EventStream:
     """The new session's events, from ``session_started`` on."""
     call_id, session_id = info.call_id, info.session_id
 
@@ -201,7 +205,7 @@ def _stream(node: Node, info: SessionInfo, *, close_on_disconnect: bool) -> Even
         node,
         record,
         START,
-        headers={"Location": f"/calls/{call_id}/sessions/{session_id}"},
+        headers={"Location": location},
         on_gone=close if close_on_disconnect else None,
     )
 
