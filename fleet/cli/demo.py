@@ -40,7 +40,7 @@ from fleet.cli.processes import (
 from fleet.client import AsyncFleetClient
 from fleet.errors import FleetError, WorkerLoadError
 from fleet.models import State
-from fleet.worker import load_worker
+from fleet.worker import load_workers
 
 # Demo-friendly node settings (the environment wins): a dead node's sessions resume
 # within seconds, and Ctrl-C does not wait out a 30 s drain.
@@ -80,7 +80,7 @@ class Plan:
     ) -> Plan:
         if worker is not None:
             try:  # here, once, rather than in every node after Redis has started
-                load_worker(worker)
+                load_workers(worker)
             except WorkerLoadError as exc:
                 raise DemoError(exc.detail) from None
         redis = find("redis-server", path)

@@ -92,10 +92,10 @@ class Starts:
         spec = self.workers.get(name)
         if spec is not None:
             params = spec.validate_params(params)
-        elif name not in await self.directory.known_workers():
-            known = sorted({*self.workers.names, *await self.directory.known_workers()})
+        elif name not in (known := await self.directory.known_workers()):
+            names = sorted({*self.workers.names, *known})
             raise UnknownWorker(
-                f"no live node runs a worker named {name!r}; known: {', '.join(known)}"
+                f"no live node runs a worker named {name!r}; known: {', '.join(names)}"
             )
         record = SessionRecord(
             session_id=session_id or secrets.token_hex(16),
