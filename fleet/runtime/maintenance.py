@@ -2,10 +2,17 @@
 left behind, every ``FLEET_MAINTENANCE_INTERVAL`` (and at once after the control channel
 resubscribes).
 
-For this node's own sessions, in one round trip: records Redis lost are written back,
-sessions that moved are stopped, close flags whose message was lost are acted on. Slots
-this node holds for sessions it does not run are resumed or released. Then dead nodes'
-sessions are taken over (``fleet.runtime.moves``).
+A pass costs what changed, not what runs: one round trip reads the close requests sent to
+this node since the last pass (each close writes one into the node's index, beside its
+message: a request whose message was lost is acted on here) and the node's slot count.
+Only when that count differs from the sessions it runs does it read the slots, to stop
+sessions whose slot moved away and to resume or release slots it holds for sessions it
+does not run. Then dead nodes' sessions are taken over (``fleet.runtime.moves``).
+
+What Redis lost is found from the signal that it lost it, not by reading every record
+each pass: a lease that Redis no longer knows (or a Redis with a new run id) makes the
+node re-check every session it runs (``check_own_sessions(full=True)``, in chunks), and a
+fenced write that finds its record gone writes it back first (``LocalSession._fenced``).
 """
 
 from __future__ import annotations
@@ -75,38 +82,52 @@ class Maintenance:
                 log.exception("maintenance pass failed", extra={"node_id": self.node_id})
 
     async def run_pass(self) -> None:
-        """This node's own sessions (close flags, ownership, records and slots Redis lost),
-        then dead nodes."""
+        """This node's own sessions (close requests, slots), then dead nodes."""
         if not self._lease_held():
             return
         await self.check_own_sessions()
         await self._moves.reap_dead_nodes()
         metrics.NODES_LIVE.set(await self.registry.count_live_nodes())
 
-    async def check_own_sessions(self) -> None:
-        """One round trip for all of this node's sessions; then act on the few that need
-        it: records Redis lost, sessions that moved, close flags a lost message carried.
-        When the slot count disagrees, a second look finds stray and missing slots."""
+    async def check_own_sessions(self, *, full: bool = False) -> None:
+        """The close requests this node may have missed, and its slots when their count
+        is off. ``full`` (after Redis lost data): every session's record too, in chunks of
+        one round trip each, writing back what was lost and stopping what moved."""
         async with self._lock:
             await self._ends.write_unwritten()
             local = [s for s in self._sessions.values() if not s.done.is_set()]
-            slot_count, attention = await self.registry.watch(
-                self.node_id, [(s.ref, s.record.epoch) for s in local]
-            )
-            for index, code, detail in attention:
-                session = local[index]
-                if code == "missing":
-                    await self.restore(session)
-                elif code == "moved":
-                    session.lose("moved")
-                elif code == "close" and not session.closing:
-                    # A flag only request_close sets, which wrote session_closing too.
-                    try:
-                        session.request_close(CloseReason(detail), recorded=True)
-                    except ValueError:
-                        session.request_close(CloseReason.CLOSED, recorded=True)
+            if full:
+                slot_count = await self._check_records(local)
+            else:
+                closes, slot_count = await self.registry.steady_look(self.node_id)
+                for ref, reason in closes.items():
+                    session = self._sessions.get(ref)
+                    if session is not None and not session.closing:
+                        self._close(session, reason)
             if slot_count != len(local) or self._strays:
                 await self._check_slots(local)
+
+    async def _check_records(self, local: list[LocalSession]) -> int:
+        slot_count, attention = await self.registry.watch(
+            self.node_id, [(s.ref, s.record.epoch) for s in local]
+        )
+        for index, code, detail in attention:
+            session = local[index]
+            if code == "missing":
+                await self.restore(session)
+            elif code == "moved":
+                session.lose("moved")
+            elif code == "close" and not session.closing:
+                self._close(session, detail)
+        return slot_count
+
+    @staticmethod
+    def _close(session: LocalSession, reason: str) -> None:
+        # A flag only request_close sets, which wrote session_closing too.
+        try:
+            session.request_close(CloseReason(reason), recorded=True)
+        except ValueError:
+            session.request_close(CloseReason.CLOSED, recorded=True)
 
     async def restore(self, session: LocalSession) -> None:
         """Redis lost a session this node runs (a restart without persistence): write its

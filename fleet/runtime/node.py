@@ -436,7 +436,7 @@ class Node:
 
     async def _recover(self) -> None:
         await self._describe_workers()  # Redis may have lost the descriptions too
-        await self.maintenance.check_own_sessions()
+        await self.maintenance.check_own_sessions(full=True)
 
     def _lease_lapsed(self) -> None:
         for session in list(self.sessions.values()):

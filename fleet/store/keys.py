@@ -4,7 +4,7 @@ Layout: ``<prefix>:{<tag>}:<kind>[:<id>]``. The id is always the last part and t
 fixed words, so two distinct ids can never build the same key, and since ids cannot hold
 ``{`` or ``}`` no id can move a key to another hash slot or out of the prefix.
 
-Three hash tags decide where keys live on Redis Cluster:
+Four hash tags decide where keys live on Redis Cluster:
 
 * ``{g}``, the fleet-wide slot: node leases, per-node session sets and the admission
   counters. Admission must check the per-call, fleet-wide and per-node counts and reserve
@@ -13,6 +13,9 @@ Three hash tags decide where keys live on Redis Cluster:
   checkpoints, event streams and idempotency keys. Closing, ending or fencing a session,
   and creating one together with the answer to its ``Idempotency-Key``, are atomic steps
   on keys of one call, so they run on whichever shard holds that call.
+* ``{n:<node_id>}``, one slot per node: the close requests a node's maintenance pass
+  looks at, so that a pass costs the same whatever the node runs, and no node's requests
+  pile up in the fleet-wide slot.
 * ``{t:<principal>/<thread_id>}``, one slot per thread: the thread's record and its list of
   sessions. Marking a thread busy (at most one live session) is one step on that slot;
   the steps that span a thread and a session are in ``docs/architecture.md`` (Threads).
@@ -123,6 +126,13 @@ class Keys:
         (state, fingerprint, token) and then the answer. ``key`` must match the id pattern
         (the API checks it before it gets here); it comes last, after a ``/``."""
         return f"{self._call(call_id)}:idem:{principal}{REF_SEPARATOR}{key}"
+
+    # -- one slot per node ---------------------------------------------------------------
+    def node_closes(self, node_id: str) -> str:
+        """HASH ref -> close reason: the close requests sent to a node since its last
+        maintenance pass, which finds a request whose message it missed here rather than
+        by reading every session's record (``Maintenance``)."""
+        return f"{self.prefix}:{{n:{node_id}}}:closes"
 
     # -- one slot per thread -------------------------------------------------------------
     def _thread(self, principal: str, thread_id: str) -> str:

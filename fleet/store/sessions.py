@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from redis.crc import key_slot
 
@@ -19,10 +19,13 @@ from fleet.models import SessionRecord, State
 from fleet.store.admission import Admission
 from fleet.store.base import Call, to_json
 from fleet.store.idempotency import Reservation
-from fleet.store.keys import split_ref
+from fleet.store.keys import make_ref, split_ref
 from fleet.store.scripts import FENCED, EndResult
 from fleet.store.threads import release_thread_call
 
+#: Seconds a node's close requests are kept unread: far longer than a maintenance pass
+#: takes to read them; only a dead node's are ever left to expire.
+CLOSES_TTL = 3600
 # Sessions per watch.lua call: big enough to be cheap, small enough to keep Redis snappy.
 WATCH_CHUNK = 500
 # Sessions per report_metrics.lua call: each carries up to a few KB of metrics.
@@ -297,7 +300,31 @@ class Sessions(Admission):
         record = None
         if status == "ended":
             record = SessionRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
+        elif owner:
+            # The owner's maintenance pass finds it here should the message be lost (a
+            # step of its own: the node's slot is not the call's).
+            await self.note_close(owner, make_ref(c, sid), reason)
         return str(status), owner, record
+
+    async def note_close(self, owner: str, ref: str, reason: str) -> None:
+        key = self.keys.node_closes(owner)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, ref, reason)
+        pipe.expire(key, CLOSES_TTL)  # a dead node's requests go with it
+        await pipe.execute()
+
+    async def steady_look(self, node_id: str) -> tuple[dict[str, str], int]:
+        """What a maintenance pass reads when nothing was lost: the close requests sent to
+        the node since the last look (taken: each is seen once) and how many slots it
+        holds. Two round trips when there are requests, else one."""
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(k.node_closes(node_id))
+        pipe.scard(k.node_sessions(node_id))
+        closes, count = await pipe.execute()
+        if closes:
+            await self.redis.hdel(k.node_closes(node_id), *closes)
+        return cast(dict[str, str], closes), int(count)
 
     async def watch(
         self, node_id: str, sessions: list[tuple[str, int]]

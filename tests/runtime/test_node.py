@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -74,9 +74,35 @@ async def test_lost_close_message_is_caught_by_the_maintenance_pass(
     async with running_node(make_settings(maintenance_interval=0.3), redis) as node:
         await wait_ready(node)
         rec = await node.start_session("c", "default", {})
-        # Set the durable flag as request_close would, but publish nothing.
+        # Write the durable flag and the owner's index entry as a close does, but publish
+        # nothing: the message is lost.
         await redis.hset(node.registry.keys.session("c", rec.session_id), "close_reason", "closed")
+        await node.registry.note_close(node.node_id, make_ref("c", rec.session_id), "closed")
         await eventually(lambda: _is(node, "c", rec.session_id, "closed"), timeout=3)
+        assert await redis.hgetall(node.registry.keys.node_closes(node.node_id)) == {}
+
+
+async def test_a_pass_costs_what_changed_not_what_runs(
+    make_settings: SettingsFactory, redis: Redis
+) -> None:
+    """With nothing to do, a pass reads the node's close requests and slot count (one
+    pipelined round trip) and the fleet's live nodes, whatever the session count."""
+    async with running_node(make_settings(maintenance_interval=3600), redis) as node:
+        await wait_ready(node)
+        for _ in range(50):
+            await node.start_session("c", "default", {"interval": 3600})
+        watched: list[int] = []
+        watch = node.registry.watch
+
+        async def counting(node_id: str, sessions: list[tuple[str, int]]) -> Any:
+            watched.append(len(sessions))
+            return await watch(node_id, sessions)
+
+        node.registry.watch = counting  # type: ignore[method-assign]
+        await node.maintain()
+        assert watched == []  # no session's record was read
+        await node.maintenance.check_own_sessions(full=True)  # what a data loss runs
+        assert watched == [50]
 
 
 async def test_redis_data_loss_is_reasserted(make_settings: SettingsFactory, redis: Redis) -> None:
