@@ -1,7 +1,7 @@
 """The ``fleet`` command: ``serve`` a node, ``run`` one session in the console, look at
-and act on a running fleet (``sessions``, ``invoke``, ``nodes``: see ``fleet.cli.ops``;
-``threads``: see ``fleet.cli.threads``), and start a local one to play with (``demo``:
-see ``fleet.cli.demo``)."""
+and act on a running fleet (``sessions``, ``invoke``: see ``fleet.cli.ops``; ``threads``:
+see ``fleet.cli.threads``; ``nodes``, ``workers``: see ``fleet.cli.nodes``), and start a
+local one to play with (``demo``: see ``fleet.cli.demo``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import tempfile
 from typing import Any
 
 from fleet import __version__
+from fleet.cli import nodes as cli_nodes
 from fleet.cli import ops as cli_ops
 from fleet.cli import threads as cli_threads
 from fleet.errors import FleetError
@@ -24,8 +25,9 @@ from fleet.settings import Settings, load_settings
 #: ``fleet --help``: plain text, not the module docstring's reStructuredText.
 HELP = (
     "Run long-lived worker sessions on a fleet of nodes. 'serve' runs a node, 'run' runs "
-    "one session in this console, 'sessions', 'invoke', 'threads' and 'nodes' look at and "
-    "act on a running fleet (FLEET_URL, FLEET_TOKEN), and 'demo' starts a local fleet to try."
+    "one session in this console, 'sessions', 'invoke', 'threads', 'nodes' and 'workers' look "
+    "at and act on a running fleet (FLEET_URL, FLEET_TOKEN), and 'demo' starts a local fleet "
+    "to try."
 )
 
 
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_ops.register(sub)
     cli_threads.register(sub)
+    cli_nodes.register(sub)
     _demo_parser(sub)
     return parser
 

@@ -1,5 +1,6 @@
-"""``fleet sessions ls|show|close|send``, ``fleet invoke`` and ``fleet nodes``: a fleet seen
-from outside (``fleet threads``: see ``fleet.cli.threads``).
+"""``fleet sessions ls|show|close|send|migrate`` and ``fleet invoke``: a fleet seen from
+outside (``fleet threads``: see ``fleet.cli.threads``; ``fleet nodes`` and ``fleet
+workers``: see ``fleet.cli.nodes``).
 
 These commands talk to a node (or to the load balancer in front of the fleet) through
 ``fleet.client``, at ``--url`` or ``FLEET_URL``, with the token in ``FLEET_TOKEN``. The
@@ -30,7 +31,7 @@ from fleet.client import (
 )
 from fleet.client.base import INVOKE_WAIT
 from fleet.errors import FleetError
-from fleet.models import CloseAccepted, EndReason, NodeInfo, SessionInfo, State
+from fleet.models import CloseAccepted, EndReason, SessionInfo, State
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -115,6 +116,7 @@ def session_details(info: SessionInfo, metrics: SessionMetrics | None, now: floa
         ("call", info.call_id),
         ("session", info.session_id),
         ("type", info.call_type),
+        ("worker", info.worker or "-"),
         ("state", str(info.state)),
         ("node", info.node_id or "-"),
         ("started", started),
@@ -132,24 +134,6 @@ def session_details(info: SessionInfo, metrics: SessionMetrics | None, now: floa
         fields.append(("metrics", shown or "-"))
     width = max(len(k) for k, _ in fields)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in fields)
-
-
-def node_rows(nodes: Sequence[NodeInfo], now: float) -> str:
-    headers = ["NODE", "HOST", "STATE", "SESSIONS", "CAPACITY", "UP", "HEARTBEAT", "VERSION"]
-    rows = [
-        [
-            n.node_id,
-            n.host,
-            "draining" if n.draining else "up",
-            str(n.sessions),
-            "-" if n.capacity is None else str(n.capacity),
-            age(now - n.started_at),
-            f"{age(now - n.last_heartbeat)} ago",
-            n.version,
-        ]
-        for n in nodes
-    ]
-    return table(headers, rows, right=frozenset({3, 4, 5, 6}))
 
 
 # ---- commands ---------------------------------------------------------------------------
@@ -235,6 +219,15 @@ def cmd_send(client: FleetClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_migrate(client: FleetClient, args: argparse.Namespace) -> int:
+    answer = client.migrate(args.call_id, args.session_id)
+    if args.json:
+        dump(as_json(answer))
+    else:
+        print(f"{args.call_id}/{args.session_id} migrating away from {answer.node_id}")
+    return EXIT_OK
+
+
 def cmd_invoke(client: FleetClient, args: argparse.Namespace) -> int:
     info = client.invoke(
         args.call_id,
@@ -242,6 +235,7 @@ def cmd_invoke(client: FleetClient, args: argparse.Namespace) -> int:
         thread_id=args.thread,
         wait=args.wait,
         idempotency_key=args.key,
+        worker=args.worker,
     )
     ref = f"{info.call_id}/{info.session_id}"
     completed = info.end_reason == EndReason.COMPLETED
@@ -256,17 +250,6 @@ def cmd_invoke(client: FleetClient, args: argparse.Namespace) -> int:
         why = f" ({info.error})" if info.error else ""
         print(f"fleet: {ref} ended {info.end_reason}{why}", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_OK
-
-
-def cmd_nodes(client: FleetClient, args: argparse.Namespace) -> int:
-    nodes = client.nodes()
-    if args.json:
-        dump({"nodes": [as_json(n) for n in nodes]})
-    elif nodes:
-        print(node_rows(nodes, time.time()))
-    else:
-        print("no live nodes", file=sys.stderr)
     return EXIT_OK
 
 
@@ -289,6 +272,10 @@ def describe(exc: FleetError) -> str:
         }.get(exc.status, "")
         if exc.code == "thread_busy":
             hint = " (close that session first, or wait for its end)"
+        elif exc.code == "unknown_worker":
+            hint = " (fleet workers lists the workers the fleet runs)"
+        elif exc.code == "invalid_params" and exc.errors:
+            hint = " (fleet workers --json shows each worker's params schema)"
         return f"{exc.detail} [{exc.status} {exc.code}]{hint}"
     return exc.detail
 
@@ -342,10 +329,22 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def worker_option(parser: argparse.ArgumentParser, started: str) -> None:
+    """``--worker NAME``, for a command that may start a session."""
+    parser.add_argument(
+        "--worker",
+        metavar="NAME",
+        help=f"the named worker of {started} ('fleet workers' lists them; default: the "
+        "fleet's first)",
+    )
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``sessions``, ``invoke`` and ``nodes`` to the ``fleet`` command."""
+    """Add ``sessions`` and ``invoke`` to the ``fleet`` command."""
     common = common_options()
-    sessions = sub.add_parser("sessions", help="list, show, close and send to sessions of a fleet")
+    sessions = sub.add_parser(
+        "sessions", help="list, show, close, send to and migrate sessions of a fleet"
+    )
     verbs = sessions.add_subparsers(dest="verb", required=True)
 
     ls = verbs.add_parser("ls", parents=[common], help="list sessions, fleet-wide or of a call")
@@ -387,6 +386,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     send.set_defaults(func=run, client_command=cmd_send)
 
+    migrate = verbs.add_parser(
+        "migrate",
+        parents=[common],
+        help="move a running session to another node now (the admin principal only)",
+    )
+    migrate.add_argument("call_id", metavar="CALL")
+    migrate.add_argument("session_id", metavar="SESSION")
+    migrate.set_defaults(func=run, client_command=cmd_migrate)
+
     invoke = sub.add_parser(
         "invoke", parents=[common], help="start a session, wait for its end, print its result"
     )
@@ -395,6 +403,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--params", type=json_object, metavar="JSON", help="the session's params, a JSON object"
     )
     invoke.add_argument("--thread", metavar="ID", help="run on this thread, from its state")
+    worker_option(invoke, "the session")
     invoke.add_argument(
         "--wait",
         type=seconds,
@@ -408,6 +417,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="an Idempotency-Key: run again with the same key to wait for the same session",
     )
     invoke.set_defaults(func=run, client_command=cmd_invoke)
-
-    nodes = sub.add_parser("nodes", parents=[common], help="the live nodes of a fleet")
-    nodes.set_defaults(func=run, client_command=cmd_nodes)

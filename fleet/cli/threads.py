@@ -27,6 +27,7 @@ from fleet.cli.ops import (
     seconds,
     table,
     timestamp,
+    worker_option,
 )
 from fleet.client import FleetClient, ThreadInfo, ThreadMessageReply
 from fleet.models import ThreadSession
@@ -101,6 +102,7 @@ def cmd_send(client: FleetClient, args: argparse.Namespace) -> int:
         call_id=args.call,
         params=args.params,
         wait=args.wait,
+        worker=args.worker,
     )
     if args.json:
         dump(as_json(answer))
@@ -164,6 +166,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     send.add_argument(
         "--params", type=json_object, metavar="JSON", help="the params of a session started for it"
     )
+    worker_option(send, "a session started for it")
     send.add_argument(
         "--wait",
         type=seconds,

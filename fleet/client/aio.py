@@ -10,9 +10,6 @@ import httpx
 
 from fleet.client.base import (
     INVOKE_WAIT,
-    RETRYABLE_ERRORS,
-    RETRYABLE_STATUS,
-    START_RETRIES,
     ClientBase,
     Health,
     MessageAccepted,
@@ -22,15 +19,21 @@ from fleet.client.base import (
     Requests,
     T,
     answer,
-    retry_delay,
     session_path,
-    worth_retrying,
 )
 from fleet.client.errors import NoReply, api_error, unreachable
+from fleet.client.retries import (
+    RETRYABLE_ERRORS,
+    RETRYABLE_STATUS,
+    START_RETRIES,
+    retry_delay,
+    worth_retrying,
+)
 from fleet.client.sse import Follow, Opening, ServerSentEvent
 from fleet.models import (
     Checkpoint,
     CloseAccepted,
+    MigrateAccepted,
     NodeInfo,
     SessionInfo,
     SessionMetrics,
@@ -39,6 +42,7 @@ from fleet.models import (
     ThreadInfo,
     ThreadMessageAccepted,
     ThreadMessageReply,
+    WorkerInfo,
 )
 
 
@@ -101,6 +105,7 @@ class AsyncFleetClient(ClientBase):
         *,
         thread_id: str | None = None,
         idempotency_key: str | None = None,
+        worker: str | None = None,
     ) -> SessionInfo:
         """See ``FleetClient.start_session``."""
         req = Requests.start_session(
@@ -112,6 +117,7 @@ class AsyncFleetClient(ClientBase):
             self.retries,
             thread_id=thread_id,
             timeout=self.timeout,
+            worker=worker,
         )
         return await self._send(req)
 
@@ -124,6 +130,7 @@ class AsyncFleetClient(ClientBase):
         thread_id: str | None = None,
         wait: float = INVOKE_WAIT,
         idempotency_key: str | None = None,
+        worker: str | None = None,
     ) -> SessionInfo:
         """Start a session and wait up to ``wait`` seconds for its end: the ended
         ``SessionInfo`` with its ``result``, or the session as it runs if the wait ran
@@ -138,6 +145,7 @@ class AsyncFleetClient(ClientBase):
             thread_id=thread_id,
             wait=wait,
             timeout=self.timeout,
+            worker=worker,
         )
         return await self._send(req)
 
@@ -242,10 +250,20 @@ class AsyncFleetClient(ClientBase):
         call_id: str | None = None,
         params: dict[str, Any] | None = None,
         wait: float | None = None,
+        worker: str | None = None,
     ) -> ThreadMessageReply | ThreadMessageAccepted:
         """See ``FleetClient.send_to_thread``."""
         req = Requests.send_to_thread(
-            thread_id, data, type, id, call_id, params, wait, self.timeout, self.retries
+            thread_id,
+            data,
+            type,
+            id,
+            call_id,
+            params,
+            wait,
+            self.timeout,
+            self.retries,
+            worker=worker,
         )
         return await self._send(req)
 
@@ -260,6 +278,14 @@ class AsyncFleetClient(ClientBase):
     async def nodes(self) -> list[NodeInfo]:
         """The live nodes of the fleet."""
         return await self._send(Requests.nodes())
+
+    async def workers(self) -> list[WorkerInfo]:
+        """See ``FleetClient.workers``."""
+        return await self._send(Requests.workers())
+
+    async def migrate(self, call_id: str, session_id: str) -> MigrateAccepted:
+        """See ``FleetClient.migrate``."""
+        return await self._send(Requests.migrate_session(call_id, session_id))
 
     async def health(self) -> Health:
         return await self._send(Requests.health())
@@ -294,6 +320,7 @@ class AsyncFleetClient(ClientBase):
         close_on_disconnect: bool = False,
         idempotency_key: str | None = None,
         reconnect: bool = True,
+        worker: str | None = None,
     ) -> AsyncGenerator[ServerSentEvent, None]:
         """Start a session and iterate its events, from ``session_started`` to
         ``session_ended``; see ``FleetClient.stream``. Break out with
@@ -307,6 +334,7 @@ class AsyncFleetClient(ClientBase):
             self.retries,
             thread_id=thread_id,
             close_on_disconnect=close_on_disconnect,
+            worker=worker,
         )
         opening = Opening(req, self.url, reconnect)
         while opening.follow is None:

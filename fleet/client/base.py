@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,10 +14,12 @@ from pydantic import BaseModel, ValidationError
 
 from fleet import __version__
 from fleet.client.errors import FleetAPIError, api_error
+from fleet.client.retries import START_RETRIES
 from fleet.errors import FleetError
 from fleet.models import (
     Checkpoint,
     CloseAccepted,
+    MigrateAccepted,
     NodeInfo,
     NodeList,
     SessionInfo,
@@ -29,6 +30,8 @@ from fleet.models import (
     ThreadInfo,
     ThreadMessageAccepted,
     ThreadMessageReply,
+    WorkerInfo,
+    WorkerList,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -38,11 +41,6 @@ DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 STREAM_READ_TIMEOUT = 60.0
 INVOKE_WAIT = 60.0  # seconds an invoke waits for the end by default (the node allows 300)
 WAIT_MARGIN = 10.0  # a close with ?wait=S may take S seconds plus a round trip or two
-RETRYABLE_STATUS = frozenset({502, 503, 504})  # a proxy or a draining node: try again
-START_RETRIES = 3  # a start is sent again up to this many times (it carries a key)
-# No answer, where another attempt may get one (not a malformed URL, say).
-RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-MAX_RETRY_DELAY = 5.0
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
@@ -136,12 +134,23 @@ def _thread_message_answer(resp: httpx.Response) -> ThreadMessageReply | ThreadM
 
 
 def _start_body(
-    params: dict[str, Any] | None, call_type: str, resumable: bool, thread_id: str | None
+    params: dict[str, Any] | None,
+    call_type: str,
+    resumable: bool,
+    thread_id: str | None,
+    worker: str | None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"call_type": call_type, "params": params or {}, "resumable": resumable}
-    if thread_id is not None:  # only when asked: older nodes refuse fields they do not know
+    # Only when asked: older nodes refuse fields they do not know.
+    if thread_id is not None:
         body["thread_id"] = thread_id
+    if worker is not None:
+        body["worker"] = worker
     return body
+
+
+def _workers(resp: httpx.Response) -> list[WorkerInfo]:
+    return WorkerList.model_validate_json(resp.content).workers
 
 
 def _events_path(call_id: str, resp: httpx.Response) -> str | None:
@@ -186,17 +195,19 @@ class Requests:
         thread_id: str | None = None,
         wait: float | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        worker: str | None = None,
     ) -> Request[SessionInfo]:
-        """A start with an ``Idempotency-Key`` (a new UUID unless one is given), which
-        makes it safe to send again: a repeat gets the first answer, never a second
-        session. With ``wait`` (an invoke) the node answers once the session has ended
-        or the wait ran out; a repeat then waits for the first attempt's session."""
+        """A start (of ``worker``, or the fleet's default) with an ``Idempotency-Key`` (a
+        new UUID unless one is given), which makes it safe to send again: a repeat gets
+        the first answer, never a second session. With ``wait`` (an invoke) the node
+        answers once the session has ended or the wait ran out; a repeat then waits for
+        the first attempt's session."""
         return Request(
             "POST",
             f"/calls/{_seg(call_id)}/sessions",
             _model(SessionInfo),
             params=_clean({"wait": wait}),
-            body=_start_body(params, call_type, resumable, thread_id),
+            body=_start_body(params, call_type, resumable, thread_id, worker),
             timeout=_waiting(timeout, wait),
             answers=frozenset({201}),
             headers={"Idempotency-Key": idempotency_key or str(uuid.uuid4())},
@@ -214,11 +225,12 @@ class Requests:
         *,
         thread_id: str | None,
         close_on_disconnect: bool,
+        worker: str | None = None,
     ) -> Request[str | None]:
         """A start whose answer is the new session's event stream. Safe to send again as
         any start is, until the stream opens; the answer read here is the path of the
         session's ``…/events`` (from ``Location``), where a cut stream resumes."""
-        body = _start_body(params, call_type, resumable, thread_id)
+        body = _start_body(params, call_type, resumable, thread_id, worker)
         if close_on_disconnect:
             body["close_on_disconnect"] = True
         headers = {
@@ -290,6 +302,12 @@ class Requests:
         )
 
     @staticmethod
+    def migrate_session(call_id: str, session_id: str) -> Request[MigrateAccepted]:
+        """Sent once: an operator's act, whose refusals (403, 404, 409) are answers."""
+        path = session_path(call_id, session_id, "/migrate")
+        return Request("POST", path, _model(MigrateAccepted), answers=frozenset({202}))
+
+    @staticmethod
     def get_thread(thread_id: str, limit: int | None, cursor: str | None) -> Request[ThreadInfo]:
         params = _clean({"limit": limit, "cursor": cursor})
         return Request("GET", thread_path(thread_id), _model(ThreadInfo), params=params)
@@ -309,6 +327,8 @@ class Requests:
         wait: float | None,
         timeout: httpx.Timeout,
         retries: int = START_RETRIES,
+        *,
+        worker: str | None = None,
     ) -> Request[ThreadMessageReply | ThreadMessageAccepted]:
         """A message to a thread, with an id (a new UUID unless one is given): a repeat
         reaches the session the first attempt reached (or started), whose inbox keeps one
@@ -318,6 +338,8 @@ class Requests:
             body["call_id"] = call_id
         if params is not None:
             body["params"] = params
+        if worker is not None:
+            body["worker"] = worker
         return Request(
             "POST",
             thread_path(thread_id, "/messages"),
@@ -344,30 +366,16 @@ class Requests:
         return Request("GET", "/nodes", lambda r: NodeList.model_validate_json(r.content).nodes)
 
     @staticmethod
+    def workers() -> Request[list[WorkerInfo]]:
+        return Request("GET", "/workers", _workers)
+
+    @staticmethod
     def health() -> Request[Health]:
         return Request("GET", "/health", _model(Health))
 
     @staticmethod
     def ready() -> Request[Readiness]:
         return Request("GET", "/ready", _readiness, answers=frozenset({200, 503}))
-
-
-def worth_retrying(resp: httpx.Response) -> bool:
-    """An answer that another attempt may improve on: a proxy's or a draining node's
-    502/503/504, or the 409 of a start whose first attempt is still under way."""
-    if resp.status_code in RETRYABLE_STATUS:
-        return True
-    return resp.status_code == 409 and api_error(resp).code == "idempotency_in_progress"
-
-
-def retry_delay(attempt: int, resp: httpx.Response | None) -> float:
-    """Seconds before attempt ``attempt + 1``: exponential backoff with jitter (0.2 s,
-    0.4 s, 0.8 s... on average), at least what ``Retry-After`` asks, at most 5 s."""
-    delay = 0.2 * 2.0**attempt * random.uniform(0.5, 1.5)
-    asked = resp.headers.get("retry-after", "") if resp is not None else ""
-    if asked.isdigit():
-        delay = max(delay, float(asked))
-    return min(delay, MAX_RETRY_DELAY)
 
 
 def answer(req: Request[T], resp: httpx.Response) -> T:

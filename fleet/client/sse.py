@@ -9,8 +9,9 @@ from typing import Any
 
 import httpx
 
-from fleet.client.base import RETRYABLE_ERRORS, Request, answer, worth_retrying
+from fleet.client.base import Request, answer
 from fleet.client.errors import api_error, unreachable
+from fleet.client.retries import RETRYABLE_ERRORS, worth_retrying
 from fleet.errors import FleetError
 
 # ---- Server-Sent Events ------------------------------------------------------------------

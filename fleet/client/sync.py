@@ -10,9 +10,6 @@ import httpx
 
 from fleet.client.base import (
     INVOKE_WAIT,
-    RETRYABLE_ERRORS,
-    RETRYABLE_STATUS,
-    START_RETRIES,
     ClientBase,
     Health,
     MessageAccepted,
@@ -22,15 +19,21 @@ from fleet.client.base import (
     Requests,
     T,
     answer,
-    retry_delay,
     session_path,
-    worth_retrying,
 )
 from fleet.client.errors import NoReply, api_error, unreachable
+from fleet.client.retries import (
+    RETRYABLE_ERRORS,
+    RETRYABLE_STATUS,
+    START_RETRIES,
+    retry_delay,
+    worth_retrying,
+)
 from fleet.client.sse import Follow, Opening, ServerSentEvent
 from fleet.models import (
     Checkpoint,
     CloseAccepted,
+    MigrateAccepted,
     NodeInfo,
     SessionInfo,
     SessionMetrics,
@@ -39,6 +42,7 @@ from fleet.models import (
     ThreadInfo,
     ThreadMessageAccepted,
     ThreadMessageReply,
+    WorkerInfo,
 )
 
 
@@ -103,14 +107,19 @@ class FleetClient(ClientBase):
         *,
         thread_id: str | None = None,
         idempotency_key: str | None = None,
+        worker: str | None = None,
     ) -> SessionInfo:
-        """Start a session of the node's worker in ``call_id``; with ``thread_id``, on
-        that thread, from its latest state (409 ``thread_busy`` while another session
-        runs on it). The start carries an ``Idempotency-Key`` (``idempotency_key``, or a
-        new UUID), so it is sent again safely when no answer comes or a proxy or a
-        draining node refuses it (up to ``retries`` times): however many attempts reach a
-        node, one session starts. Pass the same ``idempotency_key`` to retry a start
-        yourself later."""
+        """Start a session of ``worker`` (a name ``workers()`` lists; default: the
+        fleet's first) in ``call_id``, on a node that runs it and has room; with
+        ``thread_id``, on that thread, from its latest state (409 ``thread_busy`` while
+        another session runs on it). Refused with 422 ``unknown_worker``, 422
+        ``invalid_params`` (``FleetAPIError.errors`` names the fields), or 429
+        (``no_capacity``: no node that runs the worker has room). The start carries an
+        ``Idempotency-Key`` (``idempotency_key``, or a new UUID), so it is sent again
+        safely when no answer comes or a proxy or a node cannot take it for now
+        (502/503/504, ``start_failed`` included; up to ``retries`` times): however many
+        attempts reach a node, one session starts. Pass the same ``idempotency_key`` to
+        retry a start yourself later."""
         req = Requests.start_session(
             call_id,
             params,
@@ -120,6 +129,7 @@ class FleetClient(ClientBase):
             self.retries,
             thread_id=thread_id,
             timeout=self.timeout,
+            worker=worker,
         )
         return self._send(req)
 
@@ -132,14 +142,16 @@ class FleetClient(ClientBase):
         thread_id: str | None = None,
         wait: float = INVOKE_WAIT,
         idempotency_key: str | None = None,
+        worker: str | None = None,
     ) -> SessionInfo:
-        """Start a session and wait up to ``wait`` seconds (at most 300) for its end: the
-        ended ``SessionInfo``, with ``end_reason`` and ``result`` (what the worker's
-        ``run`` returned). If it still runs when the wait is over, the session as it runs
-        (``state`` is not ``ended``: follow it, read it later, or close it). Retried as a
-        start is, with one ``Idempotency-Key`` (``idempotency_key`` or a new UUID): an
-        attempt cut off (its node killed, say) is sent again, reaches the same session
-        wherever it runs now, and waits for its end; each attempt waits up to ``wait``."""
+        """Start a session (of ``worker``, as ``start_session`` does) and wait up to
+        ``wait`` seconds (at most 300) for its end: the ended ``SessionInfo``, with
+        ``end_reason`` and ``result`` (what the worker's ``run`` returned). If it still
+        runs when the wait is over, the session as it runs (``state`` is not ``ended``:
+        follow it, read it later, or close it). Retried as a start is, with one
+        ``Idempotency-Key`` (``idempotency_key`` or a new UUID): an attempt cut off (its
+        node killed, say) is sent again, reaches the same session wherever it runs now,
+        and waits for its end; each attempt waits up to ``wait``."""
         req = Requests.start_session(
             call_id,
             params,
@@ -150,6 +162,7 @@ class FleetClient(ClientBase):
             thread_id=thread_id,
             wait=wait,
             timeout=self.timeout,
+            worker=worker,
         )
         return self._send(req)
 
@@ -255,15 +268,26 @@ class FleetClient(ClientBase):
         call_id: str | None = None,
         params: dict[str, Any] | None = None,
         wait: float | None = None,
+        worker: str | None = None,
     ) -> ThreadMessageReply | ThreadMessageAccepted:
         """Send ``data`` to the session running on the thread, or, when none runs, start
-        one on it (in ``call_id``, default the thread's id, with ``params``) and deliver
-        this message to it first (``started`` says which). With ``wait``, wait up to that
-        many seconds for the reply: ``ThreadMessageReply``, or ``ThreadMessageAccepted``
-        if the wait ran out. Retried as ``send`` is, with the same ``id`` (or a new
-        UUID): a repeat reaches the same session, which holds the message once."""
+        one on it (in ``call_id``, default the thread's id; of ``worker``, default the
+        fleet's first; with ``params``) and deliver this message to it first
+        (``started`` says which). With ``wait``, wait up to that many seconds for the
+        reply: ``ThreadMessageReply``, or ``ThreadMessageAccepted`` if the wait ran out.
+        Retried as ``send`` is, with the same ``id`` (or a new UUID): a repeat reaches the
+        same session, which holds the message once."""
         req = Requests.send_to_thread(
-            thread_id, data, type, id, call_id, params, wait, self.timeout, self.retries
+            thread_id,
+            data,
+            type,
+            id,
+            call_id,
+            params,
+            wait,
+            self.timeout,
+            self.retries,
+            worker=worker,
         )
         return self._send(req)
 
@@ -278,6 +302,22 @@ class FleetClient(ClientBase):
     def nodes(self) -> list[NodeInfo]:
         """The live nodes of the fleet."""
         return self._send(Requests.nodes())
+
+    def workers(self) -> list[WorkerInfo]:
+        """The named workers the live nodes run (a node's default first): what each
+        is, whether it resumes and migrates, its inbox policy, the JSON schema of its
+        params, and the nodes that run it. A start names one with ``worker=``."""
+        return self._send(Requests.workers())
+
+    def migrate(self, call_id: str, session_id: str) -> MigrateAccepted:
+        """Move a running, resumable session to another node now (the ``admin``
+        principal only): its worker saves a last checkpoint and returns, and the session
+        resumes on the node with the most room that runs its worker (a
+        ``session_resumed`` event), or where it was if none can take it by then. Answers
+        at once with the node it moves away from. Sent once; refusals raise
+        ``FleetAPIError``: 403 ``forbidden``, 404, 409 ``not_resumable`` / ``no_target``
+        / ``session_ended``."""
+        return self._send(Requests.migrate_session(call_id, session_id))
 
     def health(self) -> Health:
         return self._send(Requests.health())
@@ -311,14 +351,16 @@ class FleetClient(ClientBase):
         close_on_disconnect: bool = False,
         idempotency_key: str | None = None,
         reconnect: bool = True,
+        worker: str | None = None,
     ) -> Generator[ServerSentEvent, None, None]:
-        """Start a session and iterate its events, from ``session_started`` to
-        ``session_ended`` (whose data holds the ``end_reason`` and, if any, the
-        ``result``), in one request. Until the stream opens, the start is retried as
-        ``start_session`` is (one ``Idempotency-Key``: one session). A stream cut after
-        that is resumed from ``…/events`` with ``Last-Event-ID``, as ``events`` does. The
-        session runs on if you leave early, unless ``close_on_disconnect`` (then leaving,
-        or a cut connection, closes it). Break out with ``contextlib.closing``."""
+        """Start a session (of ``worker``, as ``start_session`` does) and iterate its
+        events, from ``session_started`` to ``session_ended`` (whose data holds the
+        ``end_reason`` and, if any, the ``result``), in one request. Until the stream
+        opens, the start is retried as ``start_session`` is (one ``Idempotency-Key``: one
+        session). A stream cut after that is resumed from ``…/events`` with
+        ``Last-Event-ID``, as ``events`` does. The session runs on if you leave early,
+        unless ``close_on_disconnect`` (then leaving, or a cut connection, closes it).
+        Break out with ``contextlib.closing``."""
         req = Requests.stream_session(
             call_id,
             params,
@@ -328,6 +370,7 @@ class FleetClient(ClientBase):
             self.retries,
             thread_id=thread_id,
             close_on_disconnect=close_on_disconnect,
+            worker=worker,
         )
         opening = Opening(req, self.url, reconnect)
         while opening.follow is None:

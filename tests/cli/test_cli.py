@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from fleet.cli import main as cli
+from fleet.cli import nodes as cli_nodes
 from fleet.cli import ops as cli_ops
 from fleet.client import FleetClient
 from tests.multinode.harness import LoneNode
@@ -63,9 +64,10 @@ def test_nodes_table_and_json(node_url: str, capsys: pytest.CaptureFixture[str])
     assert code == 0 and err == ""
     header, row = out.splitlines()
     assert header.split() == [
-        "NODE", "HOST", "STATE", "SESSIONS", "CAPACITY", "UP", "HEARTBEAT", "VERSION",
+        "NODE", "HOST", "STATE", "SESSIONS", "CAPACITY", "UP", "HEARTBEAT", "VERSION", "WORKERS",
     ]  # fmt: skip
     assert row.split()[0] == "cli-node" and row.split()[2] == "up"
+    assert row.split()[-1] == "counter"  # the default worker's name
     assert header.index("SESSIONS") + len("SESSIONS") == row.index(row.split()[3]) + len(
         row.split()[3]
     ), "numbers align right under their header"
@@ -323,7 +325,7 @@ def test_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_namespace_for_ops_commands_has_client_command() -> None:
     args = cli.build_parser().parse_args(["nodes"])
-    assert isinstance(args, argparse.Namespace) and args.client_command is cli_ops.cmd_nodes
+    assert isinstance(args, argparse.Namespace) and args.client_command is cli_nodes.cmd_nodes
 
 
 # ---- fleet run: one session in the console --------------------------------------------------

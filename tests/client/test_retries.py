@@ -21,7 +21,7 @@ from fleet.client import (
     aio,
     sync,
 )
-from fleet.client.base import retry_delay
+from fleet.client.retries import retry_delay
 from fleet.models import SessionInfo, State
 from fleet.runtime.node import Node
 from tests.conftest import SettingsFactory, uvicorn_node, wait_ready
@@ -240,8 +240,29 @@ def test_retries_are_bounded_and_keep_the_last_answer(pauses: list[int]) -> None
         assert len(seen) == 4, kind
 
 
+def test_a_start_the_chosen_node_failed_to_start_is_retried_with_its_key(
+    pauses: list[int],
+) -> None:
+    """503 ``start_failed``: nothing was started and the key was given back, so the same
+    start, with the same key, starts the session once."""
+
+    def failed_once() -> list[Answer]:
+        detail = "the node chosen for this session (n2) did not start it in time"
+        return [httpx.Response(503, json={"detail": detail, "code": "start_failed"})]
+
+    for kind, seen, outcome in both(failed_once):
+        assert outcome == STARTED, kind
+        assert len(seen) == 2 and len(keys(seen)) == 1, kind
+
+
 def test_refusals_are_not_retried(pauses: list[int]) -> None:
-    for status, code in [(429, "max_sessions"), (409, "thread_busy"), (422, "invalid_params")]:
+    for status, code in [
+        (429, "max_sessions"),
+        (429, "no_capacity"),  # the whole fleet is full for that worker
+        (409, "thread_busy"),
+        (422, "invalid_params"),
+        (422, "unknown_worker"),
+    ]:
 
         def refused(status: int = status, code: str = code) -> list[Answer]:
             return [httpx.Response(status, json={"detail": "no", "code": code})]
@@ -262,3 +283,7 @@ def test_only_starts_are_retried_and_retries_can_be_turned_off(pauses: list[int]
         with pytest.raises(FleetAPIError):
             client.start_session("c")
     assert len(seen) == 2
+    with FleetClient("http://fleet", transport=scripted([unavailable] * 2, seen)) as client:
+        with pytest.raises(FleetAPIError):
+            client.migrate("c", "s")  # an operator's act: sent once, whatever the answer
+    assert len(seen) == 3 and seen[-1].url.path == "/calls/c/sessions/s/migrate"
