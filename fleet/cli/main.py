@@ -99,7 +99,9 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )  # fmt: skip
     demo.add_argument("--no-front", action="store_true", help="no load balancer: nodes only")
     demo.add_argument(
-        "--worker", help="the nodes' worker, module:attr (default: FLEET_WORKER, or the counter)"
+        "--worker",
+        help="the nodes' workers, module:attr or name=module:attr,... (default: "
+        "FLEET_WORKER, or the counter)",
     )
     demo.set_defaults(func=cmd_demo)
 
@@ -112,14 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a node (settings from FLEET_* variables)")
     serve.add_argument("--host", help="address to bind (FLEET_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (FLEET_PORT, default 8000)")
-    serve.add_argument("--worker", help="worker import string module:attr (FLEET_WORKER)")
+    serve.add_argument(
+        "--worker", help="workers: module:attr, or name=module:attr,... (FLEET_WORKER)"
+    )
     serve.add_argument(
         "--workers", type=int, help="processes; more than 1 runs gunicorn (FLEET_WORKERS)"
     )
     serve.set_defaults(func=cmd_serve)
 
     run = sub.add_parser("run", help="run one session in this console, printing its events")
-    run.add_argument("--worker", help="worker import string module:attr")
+    run.add_argument("--worker", help="workers as for serve; the session runs the first")
     run.add_argument("--params", default="{}", help="the session's params, a JSON object")
     run.add_argument("--call-id", default="console", help="the call id (default: console)")
     run.set_defaults(func=cmd_run)
