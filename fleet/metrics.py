@@ -65,6 +65,18 @@ REDIS_COMMAND_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 LEASE_RENEWAL_FAILURES = Counter("fleet_node_lease_renewal_failures", "Lease renewals that failed.")
+LEASE_RENEWAL_GAP_MAX = Gauge(
+    "fleet_node_lease_renewal_gap_max_seconds",
+    "The longest time between two successful lease renewals since the node started "
+    "(renewals are due every FLEET_NODE_TTL / 3; the lease lapses after FLEET_NODE_TTL).",
+    multiprocess_mode="livemax",
+)
+LOOP_LAG_SECONDS = Histogram(
+    "fleet_event_loop_lag_seconds",
+    "How late the node's event loop woke a timer, probed every 100 ms: how long any "
+    "callback (a request, a session, a lease renewal) may wait behind other work.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 NODE_DRAINING = Gauge(
     "fleet_node_draining", "1 while this node drains.", multiprocess_mode="livemax"
 )

@@ -59,6 +59,7 @@ class Lease:
         self.failures = 0  # renewals failed in a row
         self._now = asyncio.Event()
         self._last_renewal: float | None = None
+        self._longest_gap = 0.0  # between two successful renewals (a metric)
         self._problem = ""  # the last ResponseError text a renewal met, if any
 
     @property
@@ -100,6 +101,9 @@ class Lease:
         recovering = not self.redis_ok or not self.held
         self._problem = ""
         self.failures = 0
+        if self._last_renewal is not None:
+            self._longest_gap = max(self._longest_gap, now - self._last_renewal)
+            metrics.LEASE_RENEWAL_GAP_MAX.set(self._longest_gap)
         self._last_renewal = now
         if status is not HeartbeatStatus.OK or lapsed or recovering:
             if self._session_count() or status is not HeartbeatStatus.OK:

@@ -58,6 +58,7 @@ class Maintenance:
         self._ends = ends
         self._lease_held = lease_held
         self._strays: set[str] = set()  # slots with no local session, seen once
+        self._unslotted: set[str] = set()  # local sessions with no slot, seen once
         self._now = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -104,7 +105,7 @@ class Maintenance:
                     session = self._sessions.get(ref)
                     if session is not None and not session.closing:
                         self._close(session, reason)
-            if slot_count != len(local) or self._strays:
+            if slot_count != len(local) or self._strays or self._unslotted:
                 await self._check_slots(local)
 
     async def _check_records(self, local: list[LocalSession]) -> int:
@@ -141,11 +142,29 @@ class Maintenance:
 
     async def _check_slots(self, local: list[LocalSession]) -> None:
         slots = await self.registry.node_slots(self.node_id)
-        for session in local:
-            if session.ref not in slots and not session.done.is_set():
-                # Only a reaper takes a slot away: the session is being moved (or ended).
-                session.lose("moved")
+        unslotted = [s for s in local if s.ref not in slots and not s.done.is_set()]
+        if unslotted:
+            await self._check_unslotted(unslotted)
         await self._release_strays(slots)
+
+    async def _check_unslotted(self, unslotted: list[LocalSession]) -> None:
+        """Sessions this node runs whose slot is gone: a reaper moved it (the record
+        names another owner, or will once the mover's claim runs), or Redis lost it. Their
+        records say which: written back when lost too, stopped when moved; a slot lost on
+        its own (a shard that restarted empty) is put back once seen on two passes, as a
+        move in flight also shows no slot until its claim."""
+        await self._check_records(unslotted)
+        seen, self._unslotted = self._unslotted, set()
+        for session in unslotted:
+            if session.closing or session.done.is_set():
+                continue
+            if session.ref not in seen:
+                self._unslotted.add(session.ref)
+                continue
+            record = session.record
+            await self.registry.reassert_slot(
+                self.node_id, record.call_id, record.session_id, record.started_at
+            )
 
     async def _release_strays(self, slots: set[str]) -> None:
         """Slots this node holds for sessions it does not run: resume, claim or release

@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from fleet import metrics
+from fleet.errors import CannotMigrate, SessionEnded, SessionNotFound
 from fleet.models import EndReason, NodeInfo, SessionRecord, State
 from fleet.runtime.control import Message
 from fleet.runtime.session import LocalSession, SessionHost
-from fleet.store.keys import split_ref
+from fleet.store.keys import make_ref, split_ref
 from fleet.store.scripts import FENCED, TAKEN, HandoffResult, ReapResult
 from fleet.worker import WorkerSet
 
@@ -52,6 +53,14 @@ class Targets:
         node_id = min(able, key=lambda n: (self._load[n], n))
         self._load[node_id] += 1
         return node_id, self._nodes[node_id].capacity
+
+    def room_for(self, worker: str) -> bool:
+        """Whether a node that runs ``worker`` has room for one more session."""
+        return any(worker in self._runs[n] and self._has_room(n) for n in self._load)
+
+    def _has_room(self, node_id: str) -> bool:
+        capacity = self._nodes[node_id].capacity
+        return capacity is None or self._load[node_id] < capacity
 
     def runs(self, worker: str) -> bool:
         """Whether any of these nodes runs ``worker`` (full or not)."""
@@ -196,6 +205,35 @@ class Moves:
             targets.give_back(target)
             return False
         return False
+
+    async def migrate(self, call_id: str, session_id: str) -> str:
+        """Move a running session to another node now: its worker is asked to stop
+        (``close_reason`` ``handoff``) and its owner hands it to the node with most room
+        that runs its worker. Returns the node it moves away from. Raises
+        SessionNotFound, SessionEnded, or CannotMigrate (``not_resumable``, ``no_target``)."""
+        record = await self.registry.get(call_id, session_id)
+        if record is None:
+            raise SessionNotFound(f"no session {session_id} in call {call_id}")
+        if record.state == State.ENDED:
+            raise SessionEnded(f"session {session_id} has ended")
+        if not record.resumable:
+            raise CannotMigrate(
+                "not_resumable", f"session {session_id} is not resumable: it cannot move"
+            )
+        worker = self._worker_of(record)
+        targets = Targets(await self.registry.live_nodes(), exclude={record.node_id})
+        if not targets.room_for(worker):
+            raise CannotMigrate(
+                "no_target", f"no other node that runs worker {worker!r} has room for it"
+            )
+        ref = make_ref(call_id, session_id)
+        local = self._sessions.get(ref)
+        if record.node_id == self.node_id and local is not None:
+            local.migrate()
+        else:
+            channel = self.registry.keys.node_channel(record.node_id)
+            await self.registry.redis.publish(channel, Message("migrate", ref).encode())
+        return record.node_id
 
     async def take_back(self, ref: str) -> None:
         """Resume here a session this node stopped to move it, when no node could take

@@ -21,7 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from fleet import __version__, metrics
-from fleet.errors import CannotMigrate, SessionEnded, SessionNotFound
+from fleet.errors import SessionNotFound
 from fleet.events.cluster import AnnouncedDispatcher
 from fleet.events.dispatcher import EventDispatcher
 from fleet.models import CloseReason, EndReason, SessionRecord, State
@@ -35,6 +35,7 @@ from fleet.runtime.maintenance import Maintenance, enforce_limits
 from fleet.runtime.moves import Moves
 from fleet.runtime.orders import Orders
 from fleet.runtime.placement import Directory, Forwards
+from fleet.runtime.probes import probe_loop_lag
 from fleet.runtime.reports import MetricsReports
 from fleet.runtime.session import CANCEL_GRACE, LocalSession
 from fleet.runtime.starts import Starts
@@ -133,6 +134,7 @@ class Node:
             "limits": enforce_limits(self.settings, self.sessions),
             "metrics reports": self.reports.run(),
             "control listener": self._listener.run(),
+            "loop lag probe": probe_loop_lag(),
         }
         for name, loop in loops.items():
             self._tasks.append(asyncio.create_task(loop, name=f"{self.node_id} {name}"))
@@ -265,40 +267,9 @@ class Node:
         )
 
     async def migrate_session(self, call_id: str, session_id: str) -> str:
-        """Move a running session to another node now: its worker is asked to stop
-        (``close_reason`` ``handoff``) and the session is handed to the node with most room
-        that runs its worker. Returns the node it moves away from. Raises SessionNotFound,
-        SessionEnded, or CannotMigrate (``not_resumable``, ``no_target``)."""
-        record = await self.registry.get(call_id, session_id)
-        if record is None:
-            raise SessionNotFound(f"no session {session_id} in call {call_id}")
-        if record.state == State.ENDED:
-            raise SessionEnded(f"session {session_id} has ended")
-        if not record.resumable:
-            raise CannotMigrate(
-                "not_resumable", f"session {session_id} is not resumable: it cannot move"
-            )
-        worker = record.worker or self.workers.default.name
-        targets = [
-            n
-            for n in await self.directory.nodes(fresh=True)
-            if n.node_id != record.node_id
-            and not n.draining
-            and worker in n.workers
-            and (n.capacity is None or n.sessions < n.capacity)
-        ]
-        if not targets:
-            raise CannotMigrate(
-                "no_target", f"no other node that runs worker {worker!r} has room for it"
-            )
-        ref = make_ref(call_id, session_id)
-        local = self.sessions.get(ref)
-        if record.node_id == self.node_id and local is not None:
-            local.migrate()
-        else:
-            channel = self.registry.keys.node_channel(record.node_id)
-            await self.redis.publish(channel, Message("migrate", ref).encode())
-        return record.node_id
+        """Move a running session to another node now (``Moves.migrate``); returns the
+        node it moves away from."""
+        return await self.moves.migrate(call_id, session_id)
 
     def adopt(self, session: LocalSession) -> None:
         """Run a session that moved here from another node."""

@@ -74,6 +74,8 @@ METRICS: dict[str, Metric] = {
     "fleet_redis_command_seconds": Metric("histogram", {"command": None}),
     "fleet_node_lease_renewal_failures_total": Metric("counter", {}),
     "fleet_node_draining": Metric("gauge", {}),
+    "fleet_node_lease_renewal_gap_max_seconds": Metric("gauge", {}),
+    "fleet_event_loop_lag_seconds": Metric("histogram", {}),
     "fleet_node_ready": Metric("gauge", {}),
     "fleet_nodes_live": Metric("gauge", {}),
     "fleet_build_info": Metric("gauge", {"version": None}),
