@@ -8,14 +8,19 @@ in ten is ``stubborn``: asked to stop, it carries on for 8 s, swallowing cancell
 While it runs, for ``FLEET_SOAK_SECONDS``:
 
 * clients start sessions through random nodes (under ``FLEET_MAX_SESSIONS_PER_CALL`` and
-  ``FLEET_MAX_SESSIONS``), close some, read some, and record every answer;
+  ``FLEET_MAX_SESSIONS``), close some, read some, and record every answer; the nodes place
+  with ``FLEET_PLACEMENT=spread``, so most starts are forwarded to another node, and the
+  faults land on forwards in flight too (a start given up as ``start_failed`` must never
+  run: a worker copy of a session whose record says ``not_started`` is a violation);
 * an observer reads Redis every second: every session's record and its kept checkpoints
   (``FLEET_CHECKPOINT_HISTORY=100``, about 10 s of them), so their union is the stream of
   accepted checkpoints; and the API's list of running sessions, against the limits;
-* a nemesis, seeded, injects one fault at a time, in shuffled rounds of the four kinds:
+* a nemesis, seeded, injects one fault at a time, in shuffled rounds of the five kinds:
   ``kill`` (SIGKILL a node, start a replacement), ``pause`` (SIGSTOP a node for twice the
   lease, then SIGCONT), ``term`` (SIGTERM: the node drains and exits; a replacement
-  starts) and ``redis`` (stop Redis, start it again empty on the same port). Some kill,
+  starts), ``migrate`` (move a session of the node elsewhere now, as an operator's
+  ``POST …/migrate``) and ``redis`` (stop Redis, start it again empty on the same port).
+  Some kill,
   term and redis faults get a pause of another node on top (timed to land as sessions
   move, or around the restart). After each it waits (bounded) until the fleet is back:
   every node ready, ``/nodes`` lists exactly the running nodes, no live session on a node
@@ -65,7 +70,7 @@ from tests.multinode.harness import LocalFleet, NodeProcess
 from tests.soak_worker import Copy, read_log
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = ("kill", "pause", "term", "redis")
+KINDS = ("kill", "pause", "term", "migrate", "redis")
 EXPECTED_ENDS = {"closed", "completed"}
 LIVE_STATES = ("running", "starting", "closing")
 
@@ -162,6 +167,7 @@ class SoakConfig:
             "FLEET_CHECKPOINT_HISTORY": "100",
             "FLEET_MAX_SESSIONS_PER_CALL": str(self.max_sessions_per_call),
             "FLEET_MAX_SESSIONS": str(self.max_sessions),
+            "FLEET_PLACEMENT": "spread",
         }
 
 
@@ -565,7 +571,7 @@ class Soak:
                 if kind == "redis":  # the restart lands before or after the pause's lease ends
                     delays = [2 + jitter, 0.0]
                 else:  # the pause lands about when the sessions move
-                    moves = c.node_ttl if kind == "kill" else c.drain_timeout + 0.5
+                    moves = {"kill": c.node_ttl, "migrate": 0.1}.get(kind, c.drain_timeout + 0.5)
                     delays.append(moves + jitter)
             nodes = [victim, second]
             acts = [
@@ -595,11 +601,31 @@ class Soak:
             node.signal(signal.SIGCONT)
         elif fault.kind == "term":
             await self._term(node, fault)
+        elif fault.kind == "migrate":
+            await self._migrate(node, fault)
         else:
             fault.note += f"{', ' if fault.note else ''}down {down:.1f} s"
             await asyncio.to_thread(self.fleet.redis.stop)
             await asyncio.sleep(down)
             await asyncio.to_thread(self.fleet.redis.start)
+
+    async def _migrate(self, victim: NodeProcess, fault: Fault) -> None:
+        """Move up to three of the victim's running sessions away now, asked through
+        another node: each stops, checkpoints and resumes elsewhere (or stays, 409
+        no_target)."""
+        on_victim = [
+            ref
+            for ref, t in self.tracks.items()
+            if t.record.get("node_id") == victim.name and t.record.get("state") == "running"
+        ]
+        others = sorted((m for m in self._members if m is not victim), key=lambda m: m.name)
+        via = others[0] if others else victim  # asked through another node: its channel
+        moved = []
+        for ref in sorted(on_victim)[:3]:
+            path = "/calls/{}/sessions/{}/migrate".format(*ref.split("/"))
+            resp = await self._call(via, "POST", path, "migrate")
+            moved.append(f"{ref.split('/')[1][:8]} {resp.status_code if resp else 'no answer'}")
+        fault.note += ", ".join(moved) or "no running session"
 
     async def _term(self, victim: NodeProcess, fault: Fault) -> None:
         c = self.config
