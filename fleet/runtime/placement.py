@@ -158,6 +158,7 @@ class Forwards:
         """No answer in time: give the start up, unless the target created the session, in
         which case wait (bounded) until it runs there or wherever it was resumed."""
         extra = {"node_id": self.node_id, "call_id": record.call_id}
+        record.node_id = target  # the tombstone names the node it was placed on
         if await self.registry.forgo_start(record):
             log.warning(
                 "node %s did not answer a forwarded start within %.0fs; the start is given up",

@@ -88,6 +88,7 @@ INVARIANTS = {
     "expected_end": "ends are closed or completed: with other nodes up, a killed, paused or "
     "drained node's sessions move (node_lost, node_shutdown, failed are failures)",
     "transitional": "no session stays starting or closing longer than the bound",
+    "forgone_never_runs": "a start given up as start_failed (record not_started) never runs",
     "limits": "running sessions never exceed FLEET_MAX_SESSIONS_PER_CALL or FLEET_MAX_SESSIONS",
     "no_5xx": "no 5xx answer outside an outage window (readiness probes excepted)",
     "no_traceback": "no traceback in any node's log",
@@ -193,9 +194,14 @@ class Fault:
 
     def covers(self, reply: Reply, config: SoakConfig) -> bool:
         """Whether ``reply`` came during this fault's outage: from any node for a Redis
-        restart, from the node itself for the others (the rest of the fleet has no excuse)."""
+        restart, from the node itself for the others (the rest of the fleet has no excuse),
+        and a forwarded start's ``start_failed`` from any node."""
         lo, hi = self.window(config)
-        mine = self.kind == "redis" or self.target == reply.node
+        # A start is forwarded to the node placement chose, which the client does not
+        # know: one given up because that node died or froze (503 start_failed) may come
+        # through any node.
+        forwarded = reply.code == "start_failed" and self.kind in ("kill", "pause", "term")
+        mine = self.kind == "redis" or self.target == reply.node or forwarded
         return mine and reply.began <= hi and reply.ended >= lo
 
 
@@ -815,6 +821,14 @@ class Soak:
             # A start that failed half-way (Redis went away) ends "failed" with error
             # "start", and its client got an error, not a session: nothing was promised.
             start_failed = reason == "failed" and error == "start" and not t.started_by
+            # A forwarded start the chosen node did not answer in time is given up for good
+            # (its client got 503 start_failed): it must never have run anywhere.
+            forgone = reason == "failed" and error == "not_started" and not t.started_by
+            if forgone and by_sid.get(t.sid):
+                self.violation(
+                    "forgone_never_runs",
+                    f"{t.ref}: given up (not_started), yet a worker ran it\n{self._evidence(t)}",
+                )
             # A stubborn worker swallows its cancellation: fleet records its end without it
             # (fleet.runtime.session.STUCK) rather than wait for it, and hands nothing off.
             stuck = error == STUCK and "stubborn" in json.loads(t.record.get("params", "{}"))
@@ -822,6 +836,7 @@ class Soak:
                 t.record.get("state") == "ended"
                 and reason not in EXPECTED_ENDS
                 and not start_failed
+                and not forgone
                 and not stuck
             ):
                 self.violation(
