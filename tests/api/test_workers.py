@@ -152,10 +152,23 @@ async def test_a_forward_that_is_not_answered_in_time_is_given_up_for_good(
             await go_on.wait()
 
         b.starts.before_create = frozen
+        run_here = b.starts.run_here
+        ran: list[bool] = []
+
+        async def recording(*args: Any) -> bool:
+            ran.append(await run_here(*args))
+            return ran[-1]
+
+        b.starts.run_here = recording  # type: ignore[method-assign,assignment]
         answer = await start(a, worker="voice", params={"language": "de"})
         assert answer.status_code == 503 and answer.json()["code"] == "start_failed"
         assert held.is_set()
         go_on.set()  # the target wakes up: it must not start what the client was told failed
+        for _ in range(100):
+            if ran:
+                break
+            await asyncio.sleep(0.02)
+        assert ran == [False]  # the record given up is there: it never ran
         for _ in range(100):  # it finds the record written ended and frees its slot
             if not (slots := await b.registry.node_slots("n1")):
                 break

@@ -11,7 +11,8 @@
 -- ARGV[6] how long the answer is kept (ms)   (ARGV[3..6] are '' without KEYS[4])
 -- ARGV[7..] field, value pairs
 -- Returns 1 when written; 2 when this very record is there already (a retry of this write
--- whose answer was lost: same owner, epoch and start); 0 when another record was there;
+-- whose answer was lost: same owner, epoch and start, not ended); 0 when another record,
+-- or an ended one, was there;
 -- -1 when the idempotency key is held by another request or answer (fenced out, like a
 -- stale owner).
 local once = KEYS[4]
@@ -26,8 +27,11 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   for i = 7, #ARGV - 1, 2 do
     mine[ARGV[i]] = ARGV[i + 1]
   end
-  local rec = redis.call('HMGET', KEYS[1], 'node_id', 'epoch', 'started_at')
-  if rec[1] == mine['node_id'] and rec[2] == mine['epoch'] and rec[3] == mine['started_at'] then
+  local rec = redis.call('HMGET', KEYS[1], 'node_id', 'epoch', 'started_at', 'state')
+  -- An ended record is never this write's own (a start given up by forgo_start.lua looks
+  -- like it otherwise).
+  if rec[1] == mine['node_id'] and rec[2] == mine['epoch'] and rec[3] == mine['started_at']
+      and rec[4] ~= 'ended' then
     return 2
   end
   return 0
