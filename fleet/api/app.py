@@ -63,7 +63,9 @@ def create_app(settings: Settings, node: Node | None = None) -> FastAPI:
             ],
             expose_headers=["X-Request-ID"],
         )
-    app.add_middleware(HttpEdge, limit=settings.max_body_bytes)
+    app.add_middleware(
+        HttpEdge, limit=settings.max_body_bytes, draining=lambda: fleet.node.draining
+    )
     return app
 
 

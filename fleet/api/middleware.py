@@ -1,10 +1,12 @@
-"""Pure ASGI middleware: request ids, HTTP metrics and the request body limit."""
+"""Pure ASGI middleware: request ids, HTTP metrics, the request body limit, and
+``Connection: close`` while the node drains."""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,6 +17,7 @@ from fleet.logs import request_id_var
 _SAFE_REQUEST_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
+_CLOSE = ((b"connection", b"close"),)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -49,9 +52,16 @@ class HttpEdge:
     request (this runs for every request, and each layer of pure-ASGI middleware costs a
     few closures and an extra call per message)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, draining: Callable[[], bool] = lambda: False
+    ) -> None:
+        """``draining``: whether the node drains; its answers then say ``Connection:
+        close``, so that a proxy stops reusing connections to it before it exits (a request
+        written on an idle keep-alive connection just as the node closes it would be lost:
+        a proxy does not send a POST to another node once it has sent it)."""
         self.app = app
         self.limit = limit
+        self.draining = draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,6 +82,7 @@ class HttpEdge:
                 message["headers"] = [
                     *message["headers"],
                     (b"x-request-id", request_id.encode()),
+                    *(_CLOSE if self.draining() else ()),
                 ]
             await send(message)
 

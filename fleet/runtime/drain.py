@@ -79,9 +79,15 @@ class Drain:
                 extra={"node_id": self.node_id},
             )
         else:
-            for session in list(self._sessions.values()):
-                if self._migratable(session):
-                    session.request_close(CloseReason.HANDOFF)
+            migratable = [s for s in self._sessions.values() if self._migratable(s)]
+            if migratable:
+                # One list of targets for all of them, read before any stops: each
+                # hand-off then counts the ones before it (else every session, stopping at
+                # once, would read the nodes' counts on its own and pick alike).
+                with contextlib.suppress(*REDIS_ERRORS):
+                    self._targets = await self._moves.hand_off_targets()
+            for session in migratable:
+                session.request_close(CloseReason.HANDOFF)
             await self._wait_sessions(self.settings.drain_timeout)
         if self._sessions:
             with contextlib.suppress(*REDIS_ERRORS):

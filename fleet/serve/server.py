@@ -32,11 +32,12 @@ SHUTDOWN_SLACK = 5.0
 
 class FleetServer(uvicorn.Server):
     """uvicorn, except that the first SIGTERM or SIGINT starts the node's drain while the
-    server keeps answering (``/ready`` says 503, new starts get 503 ``draining``); the
-    server stops once the drain is over. A second signal exits at once, as a crash would:
-    the sessions left behind keep their slots, and other nodes resume them once this
-    node's lease lapses. Either way the process is gone within drain + close grace +
-    cancel grace + ``SHUTDOWN_SLACK`` seconds of the first signal, whatever its tasks do."""
+    server keeps answering (``/ready`` says 503, new starts are placed on other nodes, and
+    every answer says ``Connection: close``); the server stops once the drain is over. A
+    second signal exits at once, as a crash would: the sessions left behind keep their
+    slots, and other nodes resume them once this node's lease lapses. Either way the
+    process is gone within drain + close grace + cancel grace + ``SHUTDOWN_SLACK``
+    seconds of the first signal, whatever its tasks do."""
 
     def __init__(self, config: uvicorn.Config, node: Node) -> None:
         super().__init__(config)

@@ -41,11 +41,10 @@ class Admission(StoreBase):
         the node chosen; raises AdmissionRejected (``no_capacity`` when no candidate has
         room) or NotAccepting."""
         k, s = self.keys, self._settings
-        order = (
-            [asked, *(c for c in candidates if c != asked)]
-            if asked in candidates
-            else [*candidates]
-        )
+        if asked in candidates:
+            order = [asked, *(c for c in candidates if c != asked)]
+        else:  # the node asked cannot take it (it drains, say): the one with most room
+            order, mode = [*candidates], "spread"
         keys = [k.nodes(), k.call_counts(), k.live(), k.settling()]
         for node_id in order:
             keys += [k.node_sessions(node_id), k.node_info(node_id)]

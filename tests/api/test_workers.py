@@ -126,17 +126,25 @@ async def test_spread_placement_picks_the_node_with_most_room(
         assert where.count("n0") == where.count("n1") == 3
 
 
-async def test_a_draining_node_places_starts_elsewhere(
+async def test_a_draining_node_places_starts_on_the_node_with_most_room(
     make_settings: SettingsFactory, redis: Redis
 ) -> None:
-    async with nodes(make_settings, redis, COUNTER, COUNTER, drain_timeout=30) as pair:
-        (a, node_a), _ = pair
+    async with nodes(make_settings, redis, COUNTER, COUNTER, COUNTER, drain_timeout=30) as trio:
+        (a, node_a), (b, _), _ = trio
         await start(a, params={"interval": 0.05})  # keeps n0's drain from ending at once
+        for _ in range(2):
+            assert (await start(b)).json()["node_id"] == "n1"
+        assert (await a.get("/ready")).headers.get("connection") is None
         node_a.begin_drain()
         assert (await a.get("/ready")).status_code == 503
-        placed = await start(a)
-        assert placed.status_code == 201, placed.text
-        assert placed.json()["node_id"] == "n1"
+        placed = [await start(a) for _ in range(2)]
+        assert [p.status_code for p in placed] == [201, 201], placed[0].text
+        # Not the first other node that has room: the one with the most (n1 holds two).
+        assert [p.json()["node_id"] for p in placed] == ["n2", "n2"]
+        # Its answers tell a proxy to stop reusing connections to it before it exits.
+        assert placed[0].headers["connection"] == "close"
+        for info in (await b.get("/calls/c/sessions")).json()["sessions"]:  # a quick exit
+            await b.delete(f"/calls/c/sessions/{info['session_id']}", params={"wait": 5})
 
 
 async def test_a_forward_that_is_not_answered_in_time_is_given_up_for_good(
