@@ -83,6 +83,7 @@ class Run:
     held_on_a_late: int = -1  # A's held sessions running on A just before its timeout
     held_after: Counter[str] = field(default_factory=Counter)  # "running on X" / "ended: r"
     not_running: Counter[str] = field(default_factory=Counter)  # 201s not running at the end
+    failures: list[str] = field(default_factory=list)  # each failed start, described
     nginx_errors: Counter[str] = field(default_factory=Counter)
     log_errors: Counter[str] = field(default_factory=Counter)
 
@@ -214,6 +215,11 @@ def _check(fleet: Any, front: Front, r: Any, keys: Any, out: Run) -> None:
         ports = tried.get(a.path, [])
         a.asked = names.get(ports[-1], "?") if ports else "?"
         a.passed_on = len(ports) > 1
+    for a in out.attempts:
+        if a.status != 201:
+            out.failures.append(
+                _describe(fleet, a, [names.get(p, str(p)) for p in tried.get(a.path, [])], out)
+            )
     started = [a for a in out.attempts if a.status == 201]
     pipe = r.pipeline(transaction=False)
     for a in started:
@@ -227,6 +233,19 @@ def _check(fleet: Any, front: Front, r: Any, keys: Any, out: Run) -> None:
         m = re.search(r"\[(?:error|warn)\] \d+#\d+: (?:\*\d+ )?(.*?)(?:, client: .*)?$", line)
         if m:
             out.nginx_errors[m[1]] += 1
+
+
+def _describe(fleet: Any, a: Attempt, tried: list[str], out: Run) -> str:
+    """A failed start: when it was sent, where nginx sent it, and whether its call holds a
+    session now (the node may have started it although the client saw a failure)."""
+    call = a.path.split("/")[2]
+    live = next(n for n in fleet.nodes if n.alive())
+    listed = fleet.http.get(f"{live.url}/calls/{call}/sessions").json().get("sessions", [])
+    return (
+        f"{a.outcome()} after {a.latency * 1000:.0f} ms, sent in the {out.phase(a)} phase "
+        f"{(a.sent - out.exit_at) * 1000:+.0f} ms from A's exit (as the bench saw it), "
+        f"nginx tried {tried or '?'}; sessions in its call afterwards: {len(listed)}"
+    )
 
 
 def one_run(drain_timeout: float, run_no: int) -> Run:
@@ -424,6 +443,11 @@ def report(
         f"end, all runs: {sum(not_running.values())}"
         + (f" ({dict(not_running)})" if not_running else "")
         + ".",
+        *(
+            ["", "Each failed start, all runs:", "", *(f"- {f}" for r in runs for f in r.failures)]
+            if any(r.failures for r in runs)
+            else []
+        ),
     ]
     notes = [
         "A draining node answers `/ready` with 503 but keeps serving: a start sent to it "

@@ -272,6 +272,30 @@ def _counter(c: Counter[Any]) -> str:
     return ", ".join(f"{k}: {n:,}" for k, n in sorted(c.items())) or "none"
 
 
+def _split_note(runs: list[Run], sessions: int) -> str:
+    """How the first node's sessions were shared between the other two, which held as
+    many sessions each: the least loaded rule would split them evenly."""
+    each = sessions // NODES
+    splits = [(r.steps[1].held - each, 2 * each - r.steps[1].held) for r in runs]
+    uneven = any(abs(a - b) > each // 5 for a, b in splits)
+    text = (
+        f"The first node's {each} sessions went to node-1/node-2, per run: "
+        + ", ".join(f"{a}/{b}" for a, b in splits)
+        + f" (both held {each} then)."
+    )
+    if not uneven:
+        return text
+    return (
+        text + " Not the even split that handing each to the least loaded node would give. "
+        "The likely cause, from reading `fleet/runtime/drain.py`: in a drain of migratable "
+        "sessions every session stops at once, before the "
+        "drain has read its list of target nodes (`Drain._targets`, read after the drain "
+        "timeout otherwise), so each concurrent hand-off reads the nodes' counts itself "
+        "and picks by a snapshot that the others' moves soon outdate. No session is lost "
+        "for it."
+    )
+
+
 def report(opts: common.Options, sessions: int, runs: list[Run], load_before: str) -> common.Report:
     v = common.verdict
     by_mode = {m: [r for r in runs if r.mode == m] for m in MODES}
@@ -406,6 +430,7 @@ def report(opts: common.Options, sessions: int, runs: list[Run], load_before: st
         "A session can move more than once: those handed to a node restarted later move "
         "again. The last node restarted hands its sessions to the two replacements "
         "already up; its own replacement starts empty (nothing rebalances sessions).",
+        _split_note(runs, sessions),
         "Warnings and errors about failures in the nodes' logs, all runs: "
         + (", ".join(f"{k} ×{n}" for k, n in errors.most_common(6)) or "none")
         + ".",
