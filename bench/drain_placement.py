@@ -444,7 +444,12 @@ def report(
         + (f" ({dict(not_running)})" if not_running else "")
         + ".",
         *(
-            ["", "Each failed start, all runs:", "", *(f"- {f}" for r in runs for f in r.failures)]
+            [
+                "",
+                "Each failed start, all runs:",
+                "",
+                *(f"{i}. {f}" for i, f in enumerate((f for r in runs for f in r.failures), 1)),
+            ]
             if any(r.failures for r in runs)
             else []
         ),

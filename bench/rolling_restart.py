@@ -272,6 +272,11 @@ def _counter(c: Counter[Any]) -> str:
     return ", ".join(f"{k}: {n:,}" for k, n in sorted(c.items())) or "none"
 
 
+def _share(figure: str) -> Any:
+    """The share of a run's whole restart spent in each step's ``figure``."""
+    return lambda r: sum(getattr(s, figure) for s in r.steps) / r.total
+
+
 def _split_note(runs: list[Run], sessions: int) -> str:
     """How the first node's sessions were shared between the other two, which held as
     many sessions each: the least loaded rule would split them evenly."""
@@ -344,9 +349,12 @@ def report(opts: common.Options, sessions: int, runs: list[Run], load_before: st
     exits = Counter(str(s.exit_code) for r in runs for s in r.steps)
     end_nodes = [
         f"{m}: "
-        + "; ".join(
-            sorted({"/".join(str(n) for n in sorted(r.by_node.values(), reverse=True)) for r in rs})
-        )
+        + "; ".join("/".join(str(n) for n in sorted(r.by_node.values(), reverse=True)) for r in rs)
+        for m, rs in by_mode.items()
+    ]
+    shares = [
+        f"{m}: start-ups {agg(rs, _share('start')).fmt(' %', 0, 100)}, drains "
+        f"{agg(rs, _share('drain')).fmt(' %', 0, 100)}"
         for m, rs in by_mode.items()
     ]
     body = [
@@ -427,6 +435,11 @@ def report(opts: common.Options, sessions: int, runs: list[Run], load_before: st
         "(`handoff`, then `claim`, which bumps the epoch and tells the new owner to resume "
         "it from its checkpoint). The node exits once no session is left, without "
         "waiting out the 30 s drain timeout.",
+        "Where the whole restart goes (its share, median over the runs and range): "
+        + "; ".join(shares)
+        + " (the rest: the benchmark reading the records between steps). A replacement's "
+        "start-up is a new Python process importing fleet and its worker, registering "
+        "and subscribing, CPU-bound: it is what grows when the machine is busy.",
         "A session can move more than once: those handed to a node restarted later move "
         "again. The last node restarted hands its sessions to the two replacements "
         "already up; its own replacement starts empty (nothing rebalances sessions).",
