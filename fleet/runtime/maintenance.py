@@ -34,6 +34,9 @@ from fleet.store.registry import Registry
 
 log = logging.getLogger("fleet.maintenance")
 
+#: Sessions whose records one round trip of a full check reads (after Redis lost data).
+RECORDS_CHUNK = 500
+
 
 class Maintenance:
     def __init__(
@@ -109,17 +112,23 @@ class Maintenance:
                 await self._check_slots(local)
 
     async def _check_records(self, local: list[LocalSession]) -> int:
-        slot_count, attention = await self.registry.watch(
-            self.node_id, [(s.ref, s.record.epoch) for s in local]
-        )
-        for index, code, detail in attention:
-            session = local[index]
-            if code == "missing":
-                await self.restore(session)
-            elif code == "moved":
-                session.lose("moved")
-            elif code == "close" and not session.closing:
-                self._close(session, detail)
+        """Every session's record, ``RECORDS_CHUNK`` sessions per round trip, acting on
+        each chunk's answers before the next: the loop is never held for long, whatever
+        the session count. Returns the node's slot count."""
+        slot_count = 0
+        for first in range(0, len(local), RECORDS_CHUNK) or [0]:
+            chunk = local[first : first + RECORDS_CHUNK]
+            slot_count, attention = await self.registry.watch(
+                self.node_id, [(s.ref, s.record.epoch) for s in chunk]
+            )
+            for index, code, detail in attention:
+                session = chunk[index]
+                if code == "missing":
+                    await self.restore(session)
+                elif code == "moved":
+                    session.lose("moved")
+                elif code == "close" and not session.closing:
+                    self._close(session, detail)
         return slot_count
 
     @staticmethod

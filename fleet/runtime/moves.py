@@ -110,12 +110,6 @@ class Moves:
         if not dead_nodes:
             return
         targets = Targets(await self.registry.live_nodes(), exclude=set(dead_nodes))
-        gate = asyncio.Semaphore(REAP_CONCURRENCY)
-
-        async def one(dead: str, ref: str) -> None:
-            async with gate:
-                await self._reap_session(dead, ref, targets)
-
         for dead in dead_nodes:
             refs = sorted(await self.registry.node_slots(dead))
             if refs:
@@ -125,7 +119,11 @@ class Moves:
                     len(refs),
                     extra={"node_id": self.node_id},
                 )
-            await asyncio.gather(*(one(dead, ref) for ref in refs))
+            # In chunks: at most REAP_CONCURRENCY at a time, and never one task per
+            # session of a node that held thousands.
+            for first in range(0, len(refs), REAP_CONCURRENCY):
+                chunk = refs[first : first + REAP_CONCURRENCY]
+                await asyncio.gather(*(self._reap_session(dead, ref, targets) for ref in chunk))
             if await self.registry.forget_node(dead):
                 log.warning(
                     "node %s removed from the registry", dead, extra={"node_id": self.node_id}

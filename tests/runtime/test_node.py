@@ -8,9 +8,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+import pytest
 from redis.asyncio import Redis
 
 from fleet.models import SessionRecord
+from fleet.runtime import maintenance
 from fleet.runtime.node import Node
 from fleet.settings import Settings
 from fleet.store.keys import make_ref
@@ -83,7 +85,7 @@ async def test_lost_close_message_is_caught_by_the_maintenance_pass(
 
 
 async def test_a_pass_costs_what_changed_not_what_runs(
-    make_settings: SettingsFactory, redis: Redis
+    make_settings: SettingsFactory, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With nothing to do, a pass reads the node's close requests and slot count (one
     pipelined round trip) and the fleet's live nodes, whatever the session count."""
@@ -101,8 +103,10 @@ async def test_a_pass_costs_what_changed_not_what_runs(
         node.registry.watch = counting  # type: ignore[method-assign]
         await node.maintain()
         assert watched == []  # no session's record was read
-        await node.maintenance.check_own_sessions(full=True)  # what a data loss runs
-        assert watched == [50]
+        # What a data loss runs: every record, in chunks of one round trip each.
+        monkeypatch.setattr(maintenance, "RECORDS_CHUNK", 20)
+        await node.maintenance.check_own_sessions(full=True)
+        assert watched == [20, 20, 10]
 
 
 async def test_redis_data_loss_is_reasserted(make_settings: SettingsFactory, redis: Redis) -> None:
