@@ -60,6 +60,7 @@ class Lease:
         self._now = asyncio.Event()
         self._last_renewal: float | None = None
         self._longest_gap = 0.0  # between two successful renewals (a metric)
+        self._run_id: str | None = None  # the Redis server's, as last seen (not on Cluster)
         self._problem = ""  # the last ResponseError text a renewal met, if any
 
     @property
@@ -92,9 +93,14 @@ class Lease:
                 status = await self.registry.heartbeat(
                     self.node_id, self._info(), held_before=self._last_renewal is not None
                 )
+                run_id = await self.registry.server_run_id()
         except (*REDIS_ERRORS, TimeoutError) as exc:
             self._failed(exc, time.monotonic())  # as of now: a failed call may take a while
             return
+        # Another server answers now (a Sentinel failover, a restart): it may lack writes
+        # the old one took, the lease aside (a replica promoted before it had synced).
+        replaced = None not in (run_id, self._run_id) and run_id != self._run_id
+        self._run_id = run_id or self._run_id
         lapsed = (
             self._last_renewal is not None and now - self._last_renewal > self.settings.node_ttl
         )
@@ -105,8 +111,15 @@ class Lease:
             self._longest_gap = max(self._longest_gap, now - self._last_renewal)
             metrics.LEASE_RENEWAL_GAP_MAX.set(self._longest_gap)
         self._last_renewal = now
-        if status is not HeartbeatStatus.OK or lapsed or recovering:
-            if self._session_count() or status is not HeartbeatStatus.OK:
+        if status is not HeartbeatStatus.OK or lapsed or recovering or replaced:
+            if replaced:
+                log.warning(
+                    "Redis is another server now (its run id changed): re-checking local sessions",
+                    extra=self._extra,
+                )
+                self.redis_ok = False  # not ready until what it may lack is written back
+                self._changed()
+            elif self._session_count() or status is not HeartbeatStatus.OK:
                 log.info("lease %s: re-checking local sessions", status.value, extra=self._extra)
             # Ready again only once what Redis may have lost is written back: until then
             # the node still says redis_unavailable.

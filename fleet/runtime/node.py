@@ -380,6 +380,7 @@ class Node:
     # -- control channel ----------------------------------------------------------------
     async def _on_subscribed(self) -> None:
         self._set_ready_gauge()
+        self.lease.wake()  # after a reconnect: is it the same Redis (``Lease.renew``)?
         self.maintenance.wake()
         for session in self.sessions.values():
             session.inbox.wake()  # nudges sent while the channel was down are lost

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
+from redis.exceptions import NoPermissionError
+
 from fleet.models import NodeInfo
 from fleet.store.base import StoreBase, limit_arg
 from fleet.store.keys import split_ref
@@ -13,6 +15,8 @@ from fleet.store.scripts import HandoffResult, HeartbeatStatus, ReapResult
 
 
 class Nodes(StoreBase):
+    _run_id_allowed = True  # until the ACL says otherwise
+
     async def heartbeat(
         self, node_id: str, info: dict[str, str], *, held_before: bool = False
     ) -> HeartbeatStatus:
@@ -31,6 +35,20 @@ class Nodes(StoreBase):
             ],
         )
         return HeartbeatStatus(status)
+
+    async def server_run_id(self) -> str | None:
+        """The Redis server's run id, which changes when another server answers (a
+        failover, a restart); ``None`` on Cluster, where each shard has its own."""
+        if self.cluster or not self._run_id_allowed:
+            return None
+        try:
+            info = await self.redis.info("server")
+        except NoPermissionError:
+            # An ACL without +info (docs/redis.md): a failover is then noticed only by the
+            # writes that find their records gone.
+            self._run_id_allowed = False
+            return None
+        return str(info.get("run_id", "")) or None
 
     async def node_slots(self, node_id: str) -> set[str]:
         return cast(set[str], await self.redis.smembers(self.keys.node_sessions(node_id)))
