@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from redis.exceptions import NoPermissionError
+from redis.exceptions import ResponseError
 
 from fleet.models import NodeInfo
 from fleet.store.base import StoreBase, limit_arg
@@ -43,9 +43,10 @@ class Nodes(StoreBase):
             return None
         try:
             info = await self.redis.info("server")
-        except NoPermissionError:
-            # An ACL without +info (docs/redis.md): a failover is then noticed only by the
-            # writes that find their records gone.
+        except ResponseError:
+            # An ACL without +info (docs/redis.md), or a server that has no INFO (the
+            # embedded one): a failover is then noticed only by the writes that find
+            # their records gone.
             self._run_id_allowed = False
             return None
         return str(info.get("run_id", "")) or None
