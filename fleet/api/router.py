@@ -31,7 +31,7 @@ from fleet.api import checks
 from fleet.api.auth import PRINCIPAL_KEY, TOKENS_KEY, Principal, TokenTable, as_principal
 from fleet.api.deps import NODE_KEY
 from fleet.api.errors import route_error_response
-from fleet.api.middleware import BodyTooLarge, limit_body
+from fleet.api.middleware import BODY_LIMIT_KEY, BodyTooLarge, limit_body
 from fleet.api.routes import events, health, messages, migrate, nodes, sessions, threads
 from fleet.runtime.node import Node
 
@@ -67,6 +67,9 @@ class FleetRoute(APIRoute):
 
         async def handle_in_any_app(request: Request) -> Response:
             try:
+                if request.scope.get(BODY_LIMIT_KEY, limit + 1) <= limit:
+                    # fleet's own app: its HttpEdge enforces this limit on the body already
+                    return await handle(request)
                 length = request.headers.get("content-length", "")
                 if length.isdigit() and int(length) > limit:
                     raise BodyTooLarge(limit)
