@@ -12,9 +12,21 @@ windows in which nothing but the node talks to Redis:
   commands each script ran inside Redis.
 
 Commands the node sends are sorted into: lease renewal (the heartbeat script), the
-maintenance pass (its snapshot pipeline of one ``SMEMBERS`` plus one ``HMGET`` per local
-session, the expired-nodes script, ``ZCARD``), connection health checks (``PING``),
-the sessions' own work (emit, checkpoint, ...), and anything else.
+maintenance pass, connection health checks (``PING``), the sessions' own work (emit,
+checkpoint, ...), and anything else. A maintenance pass with nothing to do
+(``fleet/runtime/maintenance.py``) reads the node's close index and its slot count in one
+pipeline (``HGETALL`` + ``SCARD``), then asks for the expired nodes and counts the live ones
+(the ``expired_nodes`` script, twice): each pass begins with that ``HGETALL``, which marks
+it. Reading the slots (``SMEMBERS``) or every record (``watch``) would show up in the same
+category: the pass does either only when something changed.
+
+A pass's own time is measured on the node: a ``sitecustomize`` module put on its
+``PYTHONPATH`` wraps ``Maintenance.run_pass`` and writes each pass's wall time and the CPU
+time of the node's main thread over it (fleet itself is unchanged). That CPU time is the
+pass's loop time, plus whatever else ran while it waited for Redis (little, on an idle
+node). Two more views come from ``MONITOR``: a pass's span there (first command to last),
+and the interval between passes minus the 5 s the loop sleeps, which also holds how late
+the loop woke the pass.
 """
 
 from __future__ import annotations
@@ -23,10 +35,11 @@ import asyncio
 import collections
 import math
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from bench import common
@@ -51,29 +64,49 @@ SCRIPT_CATEGORY = {
     "forget_node": MAINTENANCE,
     "reassert": MAINTENANCE,
     "release": MAINTENANCE,  # a stray slot freed by the pass; a close also releases
+    "watch": MAINTENANCE,  # every record, only after Redis lost data
 }
 COMMAND_CATEGORY = {
-    "smembers": MAINTENANCE,
-    "hmget": MAINTENANCE,
-    "zcard": MAINTENANCE,
+    "hgetall": MAINTENANCE,  # the node's close index: the first command of each pass
+    "hdel": MAINTENANCE,  # the close requests taken
+    "scard": MAINTENANCE,
+    "smembers": MAINTENANCE,  # the slots, only when their count is off
     "ping": HEALTH,
     "xadd": WORK,
 }
+#: Seconds the maintenance loop sleeps between two passes (FLEET_MAINTENANCE_INTERVAL).
+INTERVAL = 5.0
+#: "A handful of commands" per pass, and the loop time a pass may take at 10,000 sessions.
+TARGET_COMMANDS = 5
+TARGET_PASS = 0.010
+SITECUSTOMIZE = """\
+import os, time
+_path = os.environ.get("BENCH_PASS_LOG")
+if _path:
+    import fleet.runtime.maintenance as _maintenance
+
+    _out = open(_path, "a", buffering=1)
+    _run_pass = _maintenance.Maintenance.run_pass
+
+    async def run_pass(self):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return await _run_pass(self)
+        finally:
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            _out.write(f"{time.time():.6f} {wall:.6f} {cpu:.6f}\\n")
+
+    _maintenance.Maintenance.run_pass = run_pass
+"""
 _LINE = re.compile(r"^\+(?P<ts>\d+\.\d+) \[\d+ (?P<client>[^\]]+)\] (?P<args>.*)$")
 _TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
 def _script_names() -> dict[str, str]:
     """SHA1 -> script name, for every script in fleet/store/lua."""
-    import hashlib
+    from fleet.store.scripts import Scripts, read_script
 
-    from fleet.store.scripts import Scripts
-
-    lua = resources.files("fleet").joinpath("lua")
-    return {
-        hashlib.sha1(lua.joinpath(f"{name}.lua").read_text().encode()).hexdigest(): name
-        for name in Scripts.NAMES
-    }
+    return {read_script(name).sha: name for name in Scripts.NAMES}
 
 
 @dataclass
@@ -83,14 +116,45 @@ class Window:
     inside: collections.Counter[str] = field(default_factory=collections.Counter)  # category
     sent_by_command: collections.Counter[str] = field(default_factory=collections.Counter)
     executed: collections.Counter[str] = field(default_factory=collections.Counter)  # stats
-    pass_times: list[float] = field(default_factory=list)  # each pass's SMEMBERS
+    pass_times: list[float] = field(default_factory=list)  # each pass's HGETALL
+    # Each pass's maintenance commands, as (MONITOR time, command), in order.
+    pass_commands: list[list[tuple[float, str]]] = field(default_factory=list)
     renewal_times: list[float] = field(default_factory=list)  # each heartbeat call
-    hmget: int = 0
     other: collections.Counter[str] = field(default_factory=collections.Counter)
+    start: float = 0.0  # MONITOR (unix) times of the window's two INFO calls
+    end: float = 0.0
+    # Each pass the node ran in the window, as it timed it: wall and main-thread CPU seconds.
+    pass_wall: list[float] = field(default_factory=list)
+    pass_cpu: list[float] = field(default_factory=list)
 
     @property
     def passes(self) -> int:
         return len(self.pass_times)
+
+    def whole_passes(self) -> list[list[tuple[float, str]]]:
+        """The passes that began at least a second before the window closed: the ones
+        whose every command is in the window."""
+        return [p for p in self.pass_commands if p and p[0][0] <= self.end - 1.0]
+
+    def commands_per_pass(self) -> float:
+        whole = self.whole_passes()
+        return sum(len(p) for p in whole) / len(whole) if whole else math.nan
+
+    def pass_span(self) -> float:
+        """The longest span, first to last command, of a pass in the window (seconds)."""
+        return max((p[-1][0] - p[0][0] for p in self.whole_passes()), default=math.nan)
+
+    def pass_interval_excess(self) -> float:
+        """The mean interval between passes minus the sleep: the pass's wall time plus how
+        late the loop woke it."""
+        return 60.0 / self.passes_per_min() - INTERVAL if self.passes > 1 else math.nan
+
+    def pass_cpu_max(self) -> float:
+        """The longest main-thread CPU time of a pass in the window (seconds)."""
+        return max(self.pass_cpu, default=math.nan)
+
+    def pass_wall_max(self) -> float:
+        return max(self.pass_wall, default=math.nan)
 
     def per_min(self, n: float) -> float:
         return n * 60.0 / self.seconds if self.seconds > 0 else float("nan")
@@ -116,10 +180,11 @@ class Window:
 class Monitor:
     """Reads ``MONITOR`` between two ``INFO commandstats`` calls and sorts what it sees."""
 
-    def __init__(self, port: int, scripts: dict[str, str], node_sessions_key: str) -> None:
+    def __init__(self, port: int, scripts: dict[str, str], pass_key: str) -> None:
+        """``pass_key``: the node's close index, whose ``HGETALL`` opens each pass."""
         self.port = port
         self.scripts = scripts
-        self.node_sessions_key = node_sessions_key
+        self.pass_key = pass_key
 
     async def window(self, redis: Any, seconds: float) -> Window:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=2**24)
@@ -165,22 +230,29 @@ class Monitor:
             out.sent_by_command[command] += 1
             category = self._category(command, tokens, out)
             out.sent[category] += 1
+            ts = float(m["ts"])
             if category == LEASE:
-                out.renewal_times.append(float(m["ts"]))
-            if command == "smembers" and len(tokens) > 1 and tokens[1] == self.node_sessions_key:
-                out.pass_times.append(float(m["ts"]))
+                out.renewal_times.append(ts)
+            if command == "hgetall" and len(tokens) > 1 and tokens[1] == self.pass_key:
+                out.pass_times.append(ts)
+                out.pass_commands.append([])
+            if category == MAINTENANCE and out.pass_commands:
+                label = command if command != "evalsha" else f"evalsha {self._script(tokens)}"
+                out.pass_commands[-1].append((ts, label))
         out.seconds = marks[1] - marks[0]
+        out.start, out.end = marks
+
+    def _script(self, tokens: list[str]) -> str:
+        return self.scripts.get(tokens[1], "unknown script") if len(tokens) > 1 else "?"
 
     def _category(self, command: str, tokens: list[str], out: Window) -> str:
         if command in ("evalsha", "eval") and len(tokens) > 1:
-            script = self.scripts.get(tokens[1], "unknown script")
+            script = self._script(tokens)
             out.sent_by_command[command] -= 1
             out.sent_by_command[f"evalsha {script}"] += 1
             category = SCRIPT_CATEGORY.get(script, WORK)
         else:
             category = COMMAND_CATEGORY.get(command, OTHER)
-        if command == "hmget":
-            out.hmget += 1
         if category == OTHER:
             out.other[command] += 1
         return category
@@ -198,9 +270,7 @@ async def _measure(
     from fleet.store.keys import Keys
 
     node = fleet.nodes[0]
-    monitor = Monitor(
-        fleet.redis.port, _script_names(), Keys(fleet.prefix).node_sessions(node.name)
-    )
+    monitor = Monitor(fleet.redis.port, _script_names(), Keys(fleet.prefix).node_closes(node.name))
     client = redis.asyncio.Redis.from_url(fleet.redis.url, decode_responses=True)
     results: dict[int, list[Window]] = {}
     running = 0
@@ -237,10 +307,25 @@ async def _measure(
 def run(opts: common.Options) -> common.Report:
     sizes = [10, 500] if opts.quick else [10, 10_000]
     seconds = QUICK_WINDOW if opts.quick else WINDOW
-    with common.local_fleet(
-        1, FLEET_NODE_TTL="3", FLEET_MAINTENANCE_INTERVAL="5", FLEET_LOG_LEVEL="warning"
-    ) as fleet:
-        results = asyncio.run(_measure(fleet, sizes, opts.runs, seconds))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        passes = Path(tmp) / "passes.txt"
+        with common.local_fleet(
+            1,
+            FLEET_NODE_TTL="3",
+            FLEET_MAINTENANCE_INTERVAL="5",
+            FLEET_LOG_LEVEL="warning",
+            PYTHONPATH=tmp,
+            BENCH_PASS_LOG=str(passes),
+        ) as fleet:
+            results = asyncio.run(_measure(fleet, sizes, opts.runs, seconds))
+        timed = [tuple(map(float, line.split())) for line in passes.read_text().splitlines()]
+    for windows in results.values():
+        for w in windows:
+            for at, wall, cpu in timed:
+                if w.start <= at <= w.end:
+                    w.pass_wall.append(wall)
+                    w.pass_cpu.append(cpu)
     return _report(opts, sizes, seconds, results)
 
 
@@ -253,10 +338,6 @@ def _sent_total(w: Window) -> float:
 def _executed_total(w: Window) -> float:
     maintenance = w.sent[MAINTENANCE] + w.inside[MAINTENANCE]
     return w.per_min(sum(w.executed.values()) - maintenance) + w.per_pass_per_min(maintenance)
-
-
-def _pass_seconds(w: Window) -> float:
-    return 60.0 / w.passes_per_min() - 5.0 if w.passes > 1 else math.nan
 
 
 class _Table:
@@ -292,10 +373,8 @@ class _Table:
                      lambda w: w.inside[LEASE]),
             self.row("connection health checks (`PING`)", lambda w: w.sent[HEALTH]),
             self.rate_row("maintenance passes", lambda w: w.passes_per_min()),
-            self.rate_row("maintenance: `HMGET`, one per local session per pass",
-                          lambda w: w.per_pass_per_min(w.hmget)),
-            self.rate_row("maintenance: the rest (`SMEMBERS`, expired-nodes script, `ZCARD`)",
-                          lambda w: w.per_pass_per_min(w.sent[MAINTENANCE] - w.hmget)),
+            self.rate_row("maintenance commands (`HGETALL`, `SCARD`, expired-nodes script "
+                          "×2)", lambda w: w.per_pass_per_min(w.sent[MAINTENANCE])),
             self.rate_row("…commands maintenance scripts run inside Redis",
                           lambda w: w.per_pass_per_min(w.inside[MAINTENANCE])),
             self.row("sessions' own work (emit, checkpoint, …)", lambda w: w.sent[WORK]),
@@ -319,8 +398,38 @@ class _Table:
                 " s",
                 3,
             ),
-        ]
+            self.ms_row("**a pass's loop time**: the node's main-thread CPU over it (the "
+                        "longest of the window)", Window.pass_cpu_max),
+            self.ms_row("a pass's wall time, on the node (the longest of the window)",
+                        Window.pass_wall_max),
+            self.ms_row("a pass's span in `MONITOR`, first command to last (the longest of "
+                        "the window)", Window.pass_span),
+            self.ms_row("the interval minus 5 s (the pass and how late the loop woke it)",
+                        Window.pass_interval_excess),
+        ]  # fmt: skip
         return common.table(self.head("timing"), rows)
+
+    def ms_row(self, label: str, get: Get) -> list[str]:
+        return [label, self.each(self.small, get).ms(1), self.each(self.large, get).ms(1)]
+
+    def per_pass(self) -> list[str]:
+        """What one pass sends, command by command (means over the window's passes)."""
+
+        def count(label: str) -> Get:
+            def get(w: Window) -> float:
+                whole = w.whole_passes()
+                n = sum(1 for p in whole for _, c in p if c == label)
+                return n / len(whole) if whole else math.nan
+
+            return get
+
+        labels = sorted(
+            {c for size in (self.small, self.large) for w in self.results[size]
+             for p in w.whole_passes() for _, c in p}
+        )  # fmt: skip
+        rows = [self.rate_row(f"`{c}`", count(c), digits=2) for c in labels]
+        rows.append(self.rate_row("**commands per pass**", Window.commands_per_pass, digits=2))
+        return common.table(self.head("one pass sends"), rows)
 
     def breakdown(self, counts: Callable[[Window], collections.Counter[str]]) -> list[str]:
         names = {
@@ -348,8 +457,13 @@ def _report(
     same = renew_large.median <= renew_small.median + max(1.0, 0.03 * renew_small.median)
     late = renew_large.median < renew_small.median - max(1.0, 0.03 * renew_small.median)
     gap_large = t.each(large, lambda w: w.longest_renewal_gap())
-    hmget_pass = t.each(large, lambda w: w.hmget / w.passes if w.passes else math.nan)
-    hmget_min = t.each(large, lambda w: w.per_pass_per_min(w.hmget))
+    per_pass = {size: t.each(size, Window.commands_per_pass) for size in sizes}
+    duration = {size: t.each(size, Window.pass_cpu_max) for size in sizes}
+    wall = t.each(large, Window.pass_wall_max)
+    woke = {size: t.each(size, Window.pass_interval_excess) for size in sizes}
+    flat = per_pass[large].median <= per_pass[small].median + 0.5
+    handful = per_pass[large].median <= TARGET_COMMANDS and flat
+    quick = duration[large].median < TARGET_PASS
     body = [
         f"One node, `FLEET_NODE_TTL=3` (lease renewed every second), "
         f"`FLEET_MAINTENANCE_INTERVAL=5`, `FLEET_LOG_LEVEL=warning`; idle counters "
@@ -357,10 +471,14 @@ def _report(
         "one minute; the sessions are started once per size (through HTTP, 64 in flight) "
         "and the node then runs undisturbed. A window is delimited by two "
         "`INFO commandstats` calls; `MONITOR` over the same window tells the node's "
-        "commands apart. Target: the lease renewal costs the same per minute at "
-        f"{small:,} and at {large:,} sessions.",
+        "commands apart. Targets: the lease renewal costs the same per minute at "
+        f"{small:,} and at {large:,} sessions; at {large:,} sessions a maintenance pass "
+        f"sends a handful of commands (at most {TARGET_COMMANDS}, as many as at {small:,}) "
+        f"and takes well under {TARGET_PASS * 1000:.0f} ms of loop time.",
         "",
         *t.main(),
+        "",
+        *t.per_pass(),
         "",
         *t.timings(),
         "",
@@ -370,16 +488,23 @@ def _report(
         f"With the health-check `PING`s: {with_ping_small.fmt(digits=1)} vs "
         f"{with_ping_large.fmt(digits=1)}.",
         "",
-        f"The maintenance pass is O(sessions) by design: {hmget_pass.fmt(digits=0)} `HMGET`s "
-        f"per pass at {large:,} sessions, all in one pipelined round trip "
-        "(with the `SMEMBERS` of the node's slot set), plus the expired-nodes script and "
-        "a `ZCARD`: three round trips per pass whatever the session count. Its CPU is not "
-        f"flat, though: at {large:,} sessions a pass takes about "
-        f"{t.each(large, _pass_seconds).fmt(' s')} (the pass interval minus 5 s), much of it "
-        "Python work on the node's one event loop (building the pipeline, decoding the "
-        "replies, checking each session); "
-        "a lease renewal or HTTP request that falls due meanwhile waits (see the longest "
-        "gap between renewals).",
+        f"The maintenance pass costs what changed, not what runs: "
+        f"{per_pass[large].fmt(digits=1)} commands per pass at {large:,} sessions, "
+        f"{per_pass[small].fmt(digits=1)} at {small:,} (target ≤ {TARGET_COMMANDS}, the same "
+        f"at both sizes: {common.verdict(handful)}), in three round trips: the node's close "
+        "index and slot count in one pipeline, then the expired nodes and the live-node "
+        "count. It reads the slots only when their count differs from the sessions the node "
+        "runs, and every record only after Redis lost data. A pass's loop time (the "
+        f"node's CPU over it, the longest of a window) is {duration[large].ms(1)} at "
+        f"{large:,} sessions and {duration[small].ms(1)} at {small:,} (target < "
+        f"{TARGET_PASS * 1000:.0f} ms: {common.verdict(quick)}); its wall time "
+        f"{wall.ms(1)}, most of it waiting for Redis. What still grows with the sessions "
+        "is one walk over them in memory, to count the ones running. The interval between "
+        f"passes runs {woke[large].ms(1)} over 5 s at {large:,} sessions "
+        f"({woke[small].ms(1)} at {small:,}): the pass's wall time plus how late the loop "
+        "woke it, behind other work that falls due at the same time (the metrics report, "
+        "also every 5 s, looks at every session's metrics in memory: "
+        "`fleet/runtime/reports.py`).",
         "",
         "<details><summary>Commands sent by the node, per minute (MONITOR)</summary>",
         "",
@@ -398,7 +523,12 @@ def _report(
         "Maintenance rows are per pass times passes per minute (from the mean interval "
         f"between the window's passes): a {seconds:.0f} s window holds a whole number of "
         "passes, and a plain count would jump between two values. The totals use these "
-        "rates too; the command tables are plain counts, scaled.",
+        "rates too; the command tables are plain counts, scaled. *One pass sends* counts "
+        "the commands from one pass's `HGETALL` to the next, over the passes that began "
+        "at least a second before the window closed.",
+        "A pass's duration (the interval minus 5 s) also holds the loop's delay in waking "
+        "the pass: it is the pass's wall time, an upper bound of its loop time (the "
+        "round trips' waits let other work run).",
         "The lease loop sleeps `FLEET_NODE_TTL / 3` between renewals, so a renewal's own "
         "duration and event-loop delays can make it slightly under 60 per minute.",
         "Health checks are redis-py's: a `PING` before using a connection idle for longer "
@@ -417,13 +547,15 @@ def _report(
     if late:
         notes.append(
             f"**Renewals come late at {large:,} sessions**: fewer than one a second, with up "
-            f"to {gap_large.fmt(' s')} between two (the lease lives 3 s). The cost does not "
-            "grow, but the node's event loop is held up by the maintenance pass."
+            f"to {gap_large.fmt(' s')} between two (the lease lives 3 s): the node's event "
+            "loop is held up."
         )
     summary = (
         f"Lease renewal: {renew_small.fmt(digits=1)} calls/min at {small:,} sessions, "
-        f"{renew_large.fmt(digits=1)} at {large:,}. The maintenance pass reads each local "
-        f"session once per pass: {hmget_min.fmt(digits=0)} `HMGET`/min "
-        f"at {large:,} sessions, in one round trip per pass."
+        f"{renew_large.fmt(digits=1)} at {large:,} ({common.verdict(same)}). A maintenance "
+        f"pass sends {per_pass[large].fmt(digits=1)} commands at {large:,} sessions "
+        f"({per_pass[small].fmt(digits=1)} at {small:,}; target ≤ {TARGET_COMMANDS}: "
+        f"{common.verdict(handful)}) and takes {duration[large].ms(1)} of loop time (target < "
+        f"{TARGET_PASS * 1000:.0f} ms: {common.verdict(quick)})."
     )
     return common.Report(NAME, TITLE, summary, body, notes)

@@ -72,16 +72,21 @@ class SessionRecord:
     error: str | None = None  # why it failed, in a word (written with the end)
 
     def to_hash(self) -> dict[str, str]:
-        # Field by field rather than ``asdict``, whose deep copy is wasted work here (this
-        # runs on every start).
+        # Field by field from the instance's dict rather than ``asdict``, whose deep copy is
+        # wasted work here, and with one JSON encoder for every record (``json.dumps`` with
+        # separators builds one per call): this runs on every start.
         out: dict[str, str] = {}
+        values = self.__dict__
         for key in _RECORD_FIELDS:
-            value = getattr(self, key)
+            value = values[key]
             if value is None:
                 continue
-            if key in ("params", "metrics"):
-                out[key] = json.dumps(value, separators=(",", ":"))
-            elif isinstance(value, bool):
+            kind = type(value)
+            if kind is str:
+                out[key] = value
+            elif key in _JSON_FIELDS:
+                out[key] = _COMPACT.encode(value) if value else "{}"
+            elif kind is bool:
                 out[key] = "1" if value else "0"
             else:
                 out[key] = str(value)
@@ -140,6 +145,8 @@ class SessionRecord:
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(SessionRecord))
+_JSON_FIELDS = frozenset({"params", "metrics"})  # dicts, kept as JSON text
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 class SessionInfo(BaseModel):

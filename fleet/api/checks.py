@@ -11,7 +11,7 @@ followed too, so a hook of a deployer's own may declare query parameters of its 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, params
 from fastapi.dependencies.models import Dependant
@@ -39,35 +39,51 @@ UNKNOWN_422: dict[str, Any] = {"description": "An unknown query parameter."}
 
 
 class RequestChecks:
-    """The app-wide dependency. Keeps, per route, the query parameter names it takes."""
+    """The app-wide dependency. Keeps, per route, what it checks: whether it is checked at
+    all, the query parameter names it takes, and whether it reads a JSON body."""
 
     def __init__(self) -> None:
         # By id: routes compare by value and are not hashable. The route is kept in the
         # entry, so its id cannot be reused while the entry stands.
-        self._known: dict[int, tuple[APIRoute, dict[Any, Any], tuple[str, ...]]] = {}
+        self._known: dict[int, tuple[APIRoute, dict[Any, Any], _Facts]] = {}
 
     async def __call__(self, conn: HTTPConnection) -> None:
         route = conn.scope.get("route")
         if conn.scope["type"] != "http" or not isinstance(route, APIRoute):
             return  # the WebSocket route checks what it reads itself
-        if UNCHECKED_TAGS.intersection(route.tags):
+        facts = self._facts(route, conn.app)
+        if facts.unchecked:
             return
-        known = self._query_names(route, conn.app)
-        unknown = [name for name in conn.query_params if name not in known]
-        unknown = [name for name in unknown if name not in AUTH_QUERY]
-        if unknown:
-            raise InvalidRequest(_unknown_query(unknown, known, takes_json(route)))
-        if takes_json(route) and isinstance(conn, Request) and await conn.body():
+        if conn.scope.get("query_string"):  # no query string, nothing unknown in it
+            unknown = [name for name in conn.query_params if name not in facts.query]
+            unknown = [name for name in unknown if name not in AUTH_QUERY]
+            if unknown:
+                raise InvalidRequest(_unknown_query(unknown, facts.query, facts.json_body))
+        if facts.json_body and isinstance(conn, Request) and await conn.body():
             check_json_media_type(conn.headers.get("content-type"))
 
-    def _query_names(self, route: APIRoute, app: Any) -> tuple[str, ...]:
+    def _facts(self, route: APIRoute, app: Any) -> _Facts:
         overrides: dict[Any, Any] = getattr(app, "dependency_overrides", None) or {}
         cached = self._known.get(id(route))
         if cached is not None and cached[0] is route and cached[1] == overrides:
             return cached[2]
-        names = tuple(dict.fromkeys(_query_params(route.dependant, route.path_format, overrides)))
-        self._known[id(route)] = (route, dict(overrides), names)  # a copy: overrides change
-        return names
+        facts = _Facts(
+            unchecked=bool(UNCHECKED_TAGS.intersection(route.tags)),
+            query=tuple(
+                dict.fromkeys(_query_params(route.dependant, route.path_format, overrides))
+            ),
+            json_body=takes_json(route),
+        )
+        self._known[id(route)] = (route, dict(overrides), facts)  # a copy: overrides change
+        return facts
+
+
+class _Facts(NamedTuple):
+    """What the checks need to know of one route, worked out once."""
+
+    unchecked: bool
+    query: tuple[str, ...]
+    json_body: bool
 
 
 def takes_json(route: APIRoute) -> bool:

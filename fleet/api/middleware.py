@@ -20,6 +20,10 @@ _SAFE_REQUEST_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX
 _CLOSE = ((b"connection", b"close"),)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+#: The request scope's key for the body limit an ``HttpEdge`` enforces on it already: a
+#: route that would enforce the same limit need not wrap ``receive`` a second time.
+BODY_LIMIT_KEY = "fleet.body_limit"
+
 
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
@@ -68,6 +72,7 @@ class HttpEdge:
             await self.app(scope, receive, send)
             return
         request_id, too_big = self._read_headers(scope)
+        scope[BODY_LIMIT_KEY] = self.limit
         token = request_id_var.set(request_id)
         status = 500
         started = False

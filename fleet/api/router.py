@@ -7,9 +7,9 @@ a host app's own routes, exception handlers and middleware stay exactly the host
 * each route answers fleet's errors in fleet's shape and enforces
   ``FLEET_MAX_BODY_BYTES`` itself (``FleetRoute``);
 * router dependencies, which FastAPI runs before a route's own, apply the request checks
-  (``checks.RequestChecks``), put the Fleet's node and tokens where the routes look for
-  them (``bind_to``), and, when the host decides who is asking, ask the host's dependency
-  (``decided_by``).
+  (``checks.RequestChecks``) and put the Fleet's node and tokens where the routes look for
+  them (``bind_to``), both in one dependency (``checked_and_bound``), and, when the host
+  decides who is asking, ask the host's dependency (``decided_by``).
 
 FastAPI has no router-level exception handlers, and ``include_router`` keeps each route's
 own class: so the routes of ``fleet.api.routes`` are registered again here, as FleetRoutes
@@ -31,7 +31,7 @@ from fleet.api import checks
 from fleet.api.auth import PRINCIPAL_KEY, TOKENS_KEY, Principal, TokenTable, as_principal
 from fleet.api.deps import NODE_KEY
 from fleet.api.errors import route_error_response
-from fleet.api.middleware import BodyTooLarge, limit_body
+from fleet.api.middleware import BODY_LIMIT_KEY, BodyTooLarge, limit_body
 from fleet.api.routes import events, health, messages, migrate, nodes, sessions, threads
 from fleet.runtime.node import Node
 
@@ -67,6 +67,9 @@ class FleetRoute(APIRoute):
 
         async def handle_in_any_app(request: Request) -> Response:
             try:
+                if request.scope.get(BODY_LIMIT_KEY, limit + 1) <= limit:
+                    # fleet's own app: its HttpEdge enforces this limit on the body already
+                    return await handle(request)
                 length = request.headers.get("content-length", "")
                 if length.isdigit() and int(length) > limit:
                     raise BodyTooLarge(limit)
@@ -99,6 +102,22 @@ def bind_to(node: Node, tokens: TokenTable) -> Callable[[HTTPConnection], Awaita
     return bind
 
 
+def checked_and_bound(
+    node: Node, tokens: TokenTable
+) -> Callable[[HTTPConnection], Awaitable[None]]:
+    """The request checks, then ``bind_to``'s binding, as one dependency: FastAPI's own
+    cost is per dependency, and every request of the API pays it. In this order: a
+    request with an unknown parameter is refused before anything else."""
+    check = checks.RequestChecks()
+
+    async def checked_and_bound(conn: HTTPConnection) -> None:
+        await check(conn)
+        conn.scope[NODE_KEY] = node  # as bind_to's dependency does
+        conn.scope[TOKENS_KEY] = tokens
+
+    return checked_and_bound
+
+
 def decided_by(dependency: PrincipalDependency) -> Callable[..., Awaitable[None]]:
     """A dependency that asks the host's ``dependency`` who is asking and puts the answer
     where fleet's principal dependencies look first (``auth.PRINCIPAL_KEY``): it stands
@@ -125,8 +144,7 @@ def fleet_router(
     what that dependency says (else: ``tokens``)."""
     router = APIRouter(
         route_class=route_class(max_body_bytes),
-        # In this order: a request with an unknown parameter is refused before auth.
-        dependencies=[Depends(checks.RequestChecks()), Depends(bind_to(node, tokens))],
+        dependencies=[Depends(checked_and_bound(node, tokens))],
     )
     guard = [] if principal is None else [Depends(decided_by(principal))]
     for source in GUARDED:

@@ -196,7 +196,8 @@ class Starts:
         self.host.sessions[ref] = session
         self.host.count_state(State.RUNNING, +1)
         session.start()
-        log.info("session started", extra=session.log_extra)
+        if log.isEnabledFor(logging.INFO):  # not even the log's extra at warning
+            log.info("session started", extra=session.log_extra)
         return True
 
     async def accept(

@@ -6,7 +6,7 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter
 
 from fleet.api.auth import (
     CanBeaconClose,
@@ -16,7 +16,7 @@ from fleet.api.auth import (
     CanView,
     RecordCheck,
 )
-from fleet.api.deps import CallId, NodeDep, SessionId, scope_of, visible
+from fleet.api.deps import CallId, NodeDep, SessionId, node_of, scope_of, visible
 from fleet.api.limits import check_params
 from fleet.api.streams import EventStream
 from fleet.errors import SessionNotFound
@@ -78,6 +78,8 @@ class StartRequest(BaseModel):
     )
 
 
+_INFO = TypeAdapter(SessionInfo)  # the start's answer, serialised as FastAPI would
+
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -121,7 +123,6 @@ WaitSeconds = Annotated[
 )
 async def start_session(
     call_id: CallId,
-    node: NodeDep,
     principal: CanStart,
     request: Request,
     body: Annotated[StartRequest | None, Body()] = None,
@@ -138,13 +139,20 @@ async def start_session(
     the wait runs out, the session as it runs (follow or close it). Stream: with ``Accept:
     text/event-stream`` the answer is the session's events until ``session_ended``; a
     repeat with the same ``Idempotency-Key`` streams the first start's session again."""
+    # The node as NodeDep finds it, without a dependency of its own: FastAPI's cost is per
+    # dependency, and this is the route that every session pays.
+    node = node_of(request)
     body = body or StartRequest()
     info = await begin(node, call_id, body, principal.name, idempotency_key)
     if "text/event-stream" in request.headers.get("accept", ""):
         # The session's own URL: this path and its id, under whatever prefix fleet is at.
         location = f"{request.url.path.rstrip('/')}/{info.session_id}"
         return _stream(node, info, location, close_on_disconnect=body.close_on_disconnect)
-    return await waited(node, info, wait)
+    if wait:
+        info = await waited(node, info, wait)
+    # Serialised here, once: FastAPI would validate the SessionInfo against the response
+    # model again before serialising it (the model still documents the answer).
+    return Response(_INFO.dump_json(info), status_code=201, media_type="application/json")
 
 
 async def begin(
@@ -164,15 +172,25 @@ async def begin(
             thread_id=body.thread_id,
             worker=body.worker,
         )
-    record = await node.threads.start(
-        call_id,
-        body.call_type,
-        body.params,
-        principal=principal,
-        resumable=body.resumable,
-        worker=body.worker,
-        thread_id=body.thread_id,
-    )
+    if body.thread_id is None:  # what node.threads.start does then, one call sooner
+        record = await node.start_session(
+            call_id,
+            body.call_type,
+            body.params,
+            principal=principal,
+            resumable=body.resumable,
+            worker=body.worker,
+        )
+    else:
+        record = await node.threads.start(
+            call_id,
+            body.call_type,
+            body.params,
+            principal=principal,
+            resumable=body.resumable,
+            worker=body.worker,
+            thread_id=body.thread_id,
+        )
     return record.info()
 
 
