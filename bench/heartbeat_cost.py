@@ -76,9 +76,11 @@ COMMAND_CATEGORY = {
 }
 #: Seconds the maintenance loop sleeps between two passes (FLEET_MAINTENANCE_INTERVAL).
 INTERVAL = 5.0
-#: "A handful of commands" per pass, and the loop time a pass may take at 10,000 sessions.
+#: "A handful of commands" per pass, and "well under 10 ms" of loop time at 10,000
+#: sessions, taken as at most half of it.
 TARGET_COMMANDS = 5
 TARGET_PASS = 0.010
+WELL_UNDER = TARGET_PASS / 2
 SITECUSTOMIZE = """\
 import os, time
 _path = os.environ.get("BENCH_PASS_LOG")
@@ -463,7 +465,7 @@ def _report(
     woke = {size: t.each(size, Window.pass_interval_excess) for size in sizes}
     flat = per_pass[large].median <= per_pass[small].median + 0.5
     handful = per_pass[large].median <= TARGET_COMMANDS and flat
-    quick = duration[large].median < TARGET_PASS
+    quick = duration[large].median <= WELL_UNDER
     body = [
         f"One node, `FLEET_NODE_TTL=3` (lease renewed every second), "
         f"`FLEET_MAINTENANCE_INTERVAL=5`, `FLEET_LOG_LEVEL=warning`; idle counters "
@@ -474,7 +476,8 @@ def _report(
         "commands apart. Targets: the lease renewal costs the same per minute at "
         f"{small:,} and at {large:,} sessions; at {large:,} sessions a maintenance pass "
         f"sends a handful of commands (at most {TARGET_COMMANDS}, as many as at {small:,}) "
-        f"and takes well under {TARGET_PASS * 1000:.0f} ms of loop time.",
+        f"and takes well under {TARGET_PASS * 1000:.0f} ms of loop time (taken as ≤ "
+        f"{WELL_UNDER * 1000:.0f} ms).",
         "",
         *t.main(),
         "",
@@ -496,10 +499,14 @@ def _report(
         "count. It reads the slots only when their count differs from the sessions the node "
         "runs, and every record only after Redis lost data. A pass's loop time (the "
         f"node's CPU over it, the longest of a window) is {duration[large].ms(1)} at "
-        f"{large:,} sessions and {duration[small].ms(1)} at {small:,} (target < "
-        f"{TARGET_PASS * 1000:.0f} ms: {common.verdict(quick)}); its wall time "
+        f"{large:,} sessions and {duration[small].ms(1)} at {small:,} (target: well under "
+        f"{TARGET_PASS * 1000:.0f} ms, ≤ {WELL_UNDER * 1000:.0f} ms: {common.verdict(quick)}); "
+        "its wall time "
         f"{wall.ms(1)}, most of it waiting for Redis. What still grows with the sessions "
-        "is one walk over them in memory, to count the ones running. The interval between "
+        "is one walk over them in memory, to count the ones running "
+        "(`Maintenance.check_own_sessions`): a count kept as sessions start and end (the "
+        "node keeps its per-state counts already) would make the pass flat. The interval "
+        "between "
         f"passes runs {woke[large].ms(1)} over 5 s at {large:,} sessions "
         f"({woke[small].ms(1)} at {small:,}): the pass's wall time plus how late the loop "
         "woke it, behind other work that falls due at the same time (the metrics report, "
@@ -555,7 +562,8 @@ def _report(
         f"{renew_large.fmt(digits=1)} at {large:,} ({common.verdict(same)}). A maintenance "
         f"pass sends {per_pass[large].fmt(digits=1)} commands at {large:,} sessions "
         f"({per_pass[small].fmt(digits=1)} at {small:,}; target ≤ {TARGET_COMMANDS}: "
-        f"{common.verdict(handful)}) and takes {duration[large].ms(1)} of loop time (target < "
-        f"{TARGET_PASS * 1000:.0f} ms: {common.verdict(quick)})."
+        f"{common.verdict(handful)}) and takes {duration[large].ms(1)} of loop time (target: "
+        f"well under {TARGET_PASS * 1000:.0f} ms, ≤ {WELL_UNDER * 1000:.0f} ms: "
+        f"{common.verdict(quick)})."
     )
     return common.Report(NAME, TITLE, summary, body, notes)

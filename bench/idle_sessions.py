@@ -156,6 +156,11 @@ def lag_p99(buckets: dict[float, float]) -> float:
     return common.bucket_quantile(buckets, 0.99)
 
 
+def probes(buckets: dict[float, float]) -> float:
+    """How many probes a window's buckets hold."""
+    return buckets.get(math.inf, 0.0) or math.nan
+
+
 def lag_over(buckets: dict[float, float], bound: float = TARGET_LAG) -> float:
     """The share of probes later than ``bound`` (a bucket bound)."""
     total = buckets.get(math.inf, 0.0)
@@ -291,6 +296,7 @@ def report(
          else math.nan, "", 1, 1.0),
         ("**loop lag p99 during the starts** (the node's histogram)",
          lambda r: lag_p99(r.lag_during), " ms", 1, 1000.0),
+        ("…probes in the window", lambda r: probes(r.lag_during), "", 0, 1.0),
         ("…probes later than 50 ms", lambda r: lag_over(r.lag_during), " %", 1, 100.0),
         (f"**loop lag p99, {q}**", lambda r: lag_p99(r.lag_quiet), " ms", 1, 1000.0),
         ("…probes later than 50 ms", lambda r: lag_over(r.lag_quiet), " %", 1, 100.0),
@@ -375,6 +381,7 @@ def report(
     gc_count = agg(default, lambda r: len(r.gc_during))
     gc_total = agg(default, lambda r: sum(r.gc_during))
     gc_max = agg(default, lambda r: max(r.gc_during + r.gc_quiet, default=0.0))
+    one_probe = agg(default, lambda r: 100 / probes(r.lag_during))
     per_session = agg(
         default,
         lambda r: (r.objects[1] - r.objects[0]) / r.started if len(r.objects) == 2 else math.nan,
@@ -391,7 +398,13 @@ def report(
         f"{gc_count.fmt('', 0)} full collections while starting {sessions:,} sessions, "
         f"{gc_total.fmt(' s')} of pauses in all, the longest {gc_max.ms(0)}; all the full "
         f"collections of a run freed {agg(default, lambda r: r.gc_collected).fmt('', 0)} "
-        "objects. Each one is a single late probe: it sets the maximum, not the p99.",
+        "objects. A full collection makes one probe late by its whole pause, and during "
+        f"the starts one probe is {one_probe.fmt('', 1)} % "
+        "of them: one full collection there puts the loop lag's p99 over 50 ms by itself "
+        "(the `/health` poller, 10 times as many samples, sees it at its maximum instead). "
+        "Not collecting sessions in full (`gc.freeze()` after a burst of starts in "
+        "`fleet/serve/gc_tuning.py`, or CPython 3.14's incremental collector) would take "
+        "it away; fewer objects per session only shorten it.",
     )
     if refused:
         notes.append(f"Starts refused on the way (retried), all runs: {refused}.")
