@@ -533,9 +533,9 @@ def _report(
         "rates too; the command tables are plain counts, scaled. *One pass sends* counts "
         "the commands from one pass's `HGETALL` to the next, over the passes that began "
         "at least a second before the window closed.",
-        "A pass's duration (the interval minus 5 s) also holds the loop's delay in waking "
-        "the pass: it is the pass's wall time, an upper bound of its loop time (the "
-        "round trips' waits let other work run).",
+        "A pass's loop time is the node's main-thread CPU from the pass's start to its end: "
+        "it also holds whatever else ran while the pass waited for Redis (a lease renewal, "
+        "a loop-lag probe), so it is an upper bound.",
         "The lease loop sleeps `FLEET_NODE_TTL / 3` between renewals, so a renewal's own "
         "duration and event-loop delays can make it slightly under 60 per minute.",
         "Health checks are redis-py's: a `PING` before using a connection idle for longer "
