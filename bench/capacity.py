@@ -5,9 +5,9 @@ No HTTP: real ``fleet.runtime.node.Node`` objects, each with its own Cluster cli
 processes of at most 10 (``bench/capacity_fleet.py``). Per run:
 
 * the unit costs (``bench/capacity_units.py``): one emit, checkpoint, metrics report and
-  message, each measured apart; what a ``PUBLISH`` costs the other shards over the cluster
-  bus; fleet's ``{g}`` calls (leases, passes, admission, the directory, reaping) against the
-  registry of 10, 100 and 1,000 nodes;
+  message, each measured apart, at the fleet's pace and on a busy shard; what a ``PUBLISH``
+  costs the other shards over the cluster bus; fleet's ``{g}`` calls (leases, passes,
+  admission, the directory, reaping) against the registry of 10, 100 and 1,000 nodes;
 * a burst of 128 commands (fleet's ``REAP_CONCURRENCY``) to one shard through fleet's own
   Cluster client, and through one whose pools hold 1,000 connections per shard;
 * **as deployed** (fleet's own client, ``FLEET_NODE_TTL=10``): 10 nodes × 500 sessions,
@@ -35,7 +35,7 @@ from types import FrameType
 
 from bench import capacity_scale, capacity_units, common
 from bench.capacity_scale import ScaleRun, measure
-from bench.capacity_units import Bus, GlobalCall, PoolCheck, Units
+from bench.capacity_units import Bus, GlobalCall, PoolCheck, Unit, Units
 
 NAME = "capacity"
 TITLE = "capacity: Redis work per session and per node, measured on a 3-shard Cluster"
@@ -55,6 +55,7 @@ class Results:
     tick: float
     scales: tuple[tuple[int, int], ...]
     units: list[Units] = field(default_factory=list)
+    busy: list[dict[str, Unit]] = field(default_factory=list)
     bus: list[Bus] = field(default_factory=list)
     global_calls: list[dict[int, dict[str, GlobalCall]]] = field(default_factory=list)
     pools: list[tuple[PoolCheck, PoolCheck]] = field(default_factory=list)
@@ -102,6 +103,7 @@ def run(opts: common.Options) -> common.Report:
         for r in range(runs):
             common.progress(f"run {r + 1}/{runs}: unit costs")
             results.units.append(capacity_units.units())
+            results.busy.append(capacity_units.busy_units())
             results.bus.append(capacity_units.bus())
             results.global_calls.append(capacity_units.global_slot())
             results.pools.append((capacity_units.pool_check(0), capacity_units.pool_check(POOL)))

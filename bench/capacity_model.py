@@ -70,7 +70,8 @@ def fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
 class Costs:
     """The model's constants: medians of the runs."""
 
-    ops: dict[str, Unit]  # emit, checkpoint, metrics report, message
+    ops: dict[str, Unit]  # emit, checkpoint, metrics report, message: at the fleet's pace
+    busy: dict[str, Unit]  # the same on a busy shard
     bus: Bus
     global_calls: dict[int, dict[str, GlobalCall]]  # fleet size -> call -> cost
     background: float = 0.0  # cores: an idle shard's main thread (crons, cluster bus pings)
@@ -78,9 +79,11 @@ class Costs:
     def k(self, op: str) -> float:
         return self.ops[op].commands if op in self.ops else math.nan
 
-    def u(self, op: str) -> float:
-        """Shard CPU (µs) of one operation where it runs, without the bus's share."""
-        unit = self.ops.get(op)
+    def u(self, op: str, busy: bool = False) -> float:
+        """Shard CPU (µs) of one operation where it runs, without the bus's share; ``busy``:
+        as a busy shard spends it (many commands per wakeup) rather than a mostly idle one
+        (a wakeup per command, as the measured fleets ran)."""
+        unit = (self.busy if busy else self.ops).get(op)
         if unit is None:
             return math.nan
         return unit.cpu_us - unit.bus * self.bus.receiver_us
@@ -131,6 +134,7 @@ def predict(
     ttl: float = 10.0,
     interval: float = 5.0,
     sharded_publish: bool = False,
+    busy: bool = False,
 ) -> Prediction:
     """What the model says for one fleet (see the module's doc)."""
     p = Prediction()
@@ -153,7 +157,7 @@ def predict(
         + starts * (place + 8)
         + directory * dir_commands
     )
-    p.call_cpu = s * sum(costs.u(op) * r for op, r in ops if r) / 1e6
+    p.call_cpu = s * sum(costs.u(op, busy) * r for op, r in ops if r) / 1e6
     p.publishes = s * (w.emit + 2 * w.message)
     if not sharded_publish:
         p.bus_cpu = p.publishes * costs.bus.receiver_us * (shards - 1) / shards / 1e6
@@ -174,9 +178,9 @@ def shards_needed(
     costs: Costs, w: Workload, nodes: int, sessions: int, budget: float, *, sharded: bool
 ) -> float:
     """The fewest shards that keep an ordinary shard's main thread under ``budget`` (a share
-    of one core); infinite when the bus alone takes more."""
+    of one core), at busy-shard costs; infinite when the bus alone takes more."""
     for k in range(2, 100_001):
-        p = predict(costs, w, nodes, sessions, k, sharded_publish=sharded)
+        p = predict(costs, w, nodes, sessions, k, sharded_publish=sharded, busy=True)
         if p.shard_cpu <= budget:
             return float(k)
         if p.bus_cpu >= budget:

@@ -278,38 +278,42 @@ def _cpu(stats: Any) -> tuple[float, int]:
 async def _calls(registry: Any, stats: Any, nodes: list[str]) -> dict[str, GlobalCall]:
     info = {"host": "h", "capacity": "", "draining": "0", "version": "x", "workers": "counter"}
     size = len(nodes)
-    heavy = max(20, 20_000 // size)  # fewer calls where each one is O(nodes)
-    dead = nodes[-1]
+    dead, live = nodes[-1], nodes[:-1]
     refs = sorted(await registry.node_slots(dead))
-    targets = nodes[:-1]
 
-    async def reap_moved(i: int) -> None:
-        await registry.reap(dead, refs[i], targets[i % len(targets)], None)
+    async def renew() -> None:
+        """Every node but the dead one holds its lease (untimed, before each kind)."""
+        for i in range(0, len(live), 50):  # under the client's 100 connections per shard
+            chunk = live[i : i + 50]
+            await asyncio.gather(*(registry.heartbeat(n, info, held_before=True) for n in chunk))
 
-    async def reap_gone(i: int) -> None:
-        await registry.reap(dead, refs[i], targets[i % len(targets)], None)
+    async def reap(i: int) -> None:
+        await registry.reap(dead, refs[i], live[i % len(live)], None)
 
+    few = max(20, 2000 // size)  # where each call is O(nodes)
     plan: list[tuple[str, int, Any]] = [
-        ("lease renewal (heartbeat)", 2000,
-         lambda i: registry.heartbeat(nodes[i % (size - 1)], info, held_before=True)),
-        ("maintenance: slot count (SCARD)", 2000,
+        ("lease renewal (heartbeat)", 1000,
+         lambda i: registry.heartbeat(live[i % len(live)], info, held_before=True)),
+        ("maintenance: slot count (SCARD)", 1000,
          lambda i: registry.redis.scard(registry.keys.node_sessions(nodes[i % size]))),
-        ("maintenance: expired nodes", 2000, lambda i: registry.expired_nodes()),
-        ("maintenance: count live nodes", heavy * 10, lambda i: registry.count_live_nodes()),
-        ("live-node directory read", heavy, lambda i: registry.live_nodes()),
-        ("admission with placement (place)", heavy * 5,
-         lambda i: registry.place(nodes[0], f"p{i}", "s", "counter", nodes)),
-        ("release a slot", heavy * 5, lambda i: registry.release(nodes[0], f"p{i}", "s")),
+        ("maintenance: expired nodes", 1000, lambda i: registry.expired_nodes()),
+        ("maintenance: count live nodes", 10 * few, lambda i: registry.count_live_nodes()),
+        ("live-node directory read", few, lambda i: registry.live_nodes()),
+        ("admission with placement (place)", 5 * few,
+         lambda i: registry.place(nodes[0], f"p{i}", "s", "counter", live)),
+        ("release a slot", 5 * few, lambda i: registry.release(nodes[0], f"p{i}", "s")),
     ]  # fmt: skip
     out: dict[str, GlobalCall] = {}
     for name, count, call in plan:
+        await renew()
         out[name] = await _time(stats, count, call)
     # Reaping: the dead node's lease lapses (its score set in the past), then each of its
     # slots moves to a live node; a second reap of the same slot finds it gone.
+    await renew()
     await registry.redis.zadd(registry.keys.nodes(), {dead: 1})
     count = min(len(refs), 1000)
-    out["reap one session (moved)"] = await _time(stats, count, reap_moved)
-    out["reap one session (already gone)"] = await _time(stats, count, reap_gone)
+    out["reap one session (moved)"] = await _time(stats, count, reap)
+    out["reap one session (already gone)"] = await _time(stats, count, reap)
     return out
 
 
@@ -414,3 +418,111 @@ async def _pool_check(url: str, pool: int, rounds: int, burst: int) -> PoolCheck
     await asyncio.gather(*tasks, return_exceptions=True)
     await client.aclose()
     return out
+
+
+# -- the same operations on a busy shard ----------------------------------------------------
+BUSY_SESSIONS = 640
+BUSY_LANES = 64
+BUSY_CALLS = 6400
+
+
+def busy_units() -> dict[str, Unit]:
+    """Each operation's script calls, as fleet's registry makes them, ``BUSY_LANES`` at a time
+    back to back (sessions in calls of their own, spread over the shards, one lane per
+    session): what an operation costs a shard that is busy, where the per-wakeup cost of a
+    mostly idle shard (the units above) is shared by many commands."""
+    cluster = _cluster()
+    try:
+        shards = shards_of([s.port for s in cluster.servers])
+        return asyncio.run(_busy(cluster.url, shards))
+    finally:
+        cluster.stop()
+
+
+async def _busy(url: str, shards: list[Any]) -> dict[str, Unit]:
+    from pydantic import SecretStr
+
+    from fleet.models import SessionRecord
+    from fleet.runtime.control import Message
+    from fleet.settings import Settings
+    from fleet.store.connect import connect
+    from fleet.store.keys import make_ref
+    from fleet.store.registry import Registry
+
+    settings = Settings(redis_url=SecretStr(url), node_id="busy", log_level="warning")
+    client = connect(settings)
+    registry = Registry(client, settings)
+    await registry.load()
+    records = [
+        SessionRecord(
+            session_id="s", call_id=f"busy-{i}", call_type="default", node_id="busy",
+            params={}, worker="paced", started_at=time.time(),
+        )
+        for i in range(BUSY_SESSIONS)
+    ]  # fmt: skip
+    for record in records:
+        await registry.create_running(record)
+    inbox = {make_ref(r.call_id, r.session_id): ("0-0", 0) for r in records}
+
+    async def checkpoint(r: SessionRecord) -> None:
+        r.checkpoint_version = await registry.checkpoint(r, '{"n":1,"m":0}', 1)
+
+    async def message(r: SessionRecord) -> None:
+        ref = make_ref(r.call_id, r.session_id)
+        nudge = Message("inbox", ref).encode()
+        await registry.send(r.call_id, r.session_id, "message", '{"x":1}', client_id="",
+                            nudge=nudge)  # fmt: skip
+        pos, count = inbox[ref]
+        rows = await registry.read_inbox(r.call_id, r.session_id, pos, 100)
+        if rows:
+            inbox[ref] = (rows[-1].id, count + len(rows))
+        version = await registry.checkpoint(r, '{"n":1,"m":1}', 1, inbox[ref])
+        r.checkpoint_version = version
+
+    async def report(r: SessionRecord) -> None:
+        ref = make_ref(r.call_id, r.session_id)
+        await registry.report_metrics("busy", [(ref, r.epoch, '{"ticks":1}')], time.time())
+
+    async def emit(r: SessionRecord) -> None:
+        await registry.emit(r, "tick", '{"n":1}')
+
+    out: dict[str, Unit] = {}
+    try:
+        ops = (("emit", emit), ("checkpoint", checkpoint), ("metrics report", report),
+               ("message", message))  # fmt: skip
+        for name, op in ops:
+            out[name] = await _drive(shards, records, op)
+    finally:
+        await client.aclose()
+    return out
+
+
+async def _drive(shards: list[Any], records: list[Any], op: Any) -> Unit:
+    per_lane = BUSY_CALLS // BUSY_LANES
+
+    async def lane(i: int) -> None:
+        mine = records[i::BUSY_LANES]
+        for j in range(per_lane):
+            await op(mine[j % len(mine)])
+
+    before = [s.read() for s in shards]
+    t0 = time.perf_counter()
+    await asyncio.gather(*(lane(i) for i in range(BUSY_LANES)))
+    elapsed = time.perf_counter() - t0
+    after = [s.read() for s in shards]
+    n = per_lane * BUSY_LANES
+    calls = [b.total - a.total for a, b in zip(before, after, strict=True)]
+    cpu = [b.cpu - a.cpu for a, b in zip(before, after, strict=True)]
+    bus = [b.bus_publish_in - a.bus_publish_in for a, b in zip(before, after, strict=True)]
+    by: dict[str, float] = {}
+    for a, b in zip(before, after, strict=True):
+        for name, count in b.calls.items():
+            by[name] = by.get(name, 0.0) + (count - a.calls.get(name, 0)) / n
+    return Unit(
+        rate=n / elapsed,
+        commands=sum(calls) / n,
+        cpu_us=sum(cpu) / n * 1e6,
+        bus=sum(bus) / n,
+        node_cpu_us=math.nan,
+        by_command={k: v for k, v in by.items() if v > 0.05},
+    )
