@@ -26,11 +26,14 @@ processes of at most 10 (``bench/capacity_fleet.py``). Per run:
 from __future__ import annotations
 
 import contextlib
+import pickle
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 from bench import capacity_scale, capacity_units, common
@@ -99,6 +102,9 @@ def run(opts: common.Options) -> common.Report:
         _quick()
     results = Results(QUICK_TICK if opts.quick else TICK, QUICK_SCALES if opts.quick else SCALES)
     deployed = QUICK_DEPLOYED if opts.quick else DEPLOYED
+    # What was measured, kept as it comes in: a report that fails can be rendered again.
+    keep = Path(tempfile.mkdtemp(prefix="fleet-capacity-")) / "results.pickle"
+    common.progress(f"measurements are kept in {keep}")
     with _terminated_cleanly():
         for r in range(runs):
             common.progress(f"run {r + 1}/{runs}: unit costs")
@@ -115,6 +121,7 @@ def run(opts: common.Options) -> common.Report:
                 tag = f"r{r + 1} {nodes}x{per_node}"
                 one = measure(nodes, per_node, results.tick, tag, pool=POOL, ttl=TTL)
                 results.runs.setdefault((nodes, per_node), []).append(one)
+                keep.write_bytes(pickle.dumps(results))
     return report(TITLE, results, runs, load_before, time.monotonic() - began)
 
 
