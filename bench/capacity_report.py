@@ -179,6 +179,7 @@ def _measured(results: Results, scales: dict[tuple[int, int], Scale]) -> list[st
         "…busiest call slot's share",
         lambda s: _pct(s.each(lambda r: _hottest_call(r.steady_sorted))),
     )
+    row("…busiest key (its share)", lambda s: _hottest_key(s, lambda r: r.steady_sorted))
     row("…node processes, cores", lambda s: s.steady(lambda r, w: w.node_cpu).fmt("", 2))
     row(
         "…Redis memory per session (steady less idle)",
@@ -217,6 +218,7 @@ def _measured(results: Results, scales: dict[tuple[int, int], Scale]) -> list[st
         "…`{g}` slot's share of commands (`MONITOR`)",
         lambda s: _pct(s.each(lambda r: _share(r.start_sorted, "g"))),
     )
+    row("…busiest key (its share)", lambda s: _hottest_key(s, lambda r: r.start_sorted))
     row(
         "**failover**: nodes killed, sessions moved",
         lambda s: f"{s.first.failover.killed}, " + s.each(lambda r: r.failover.moved).fmt("", 0),
@@ -235,6 +237,10 @@ def _measured(results: Results, scales: dict[tuple[int, int], Scale]) -> list[st
                 lambda r: r.failover.last,
             )
         ),
+    )
+    row(
+        "…no slot left on the dead nodes (after the kill)",
+        lambda s: s.each(lambda r: r.failover.slots_moved).fmt(" s", 1),
     )
     row(
         "…moving them, lapse to last",
@@ -299,6 +305,21 @@ def _measured(results: Results, scales: dict[tuple[int, int], Scale]) -> list[st
     row("worst event-loop lag: start / steady / failover", _lags)
     row("machine CPU busy, steady (all processes)", lambda s: _pct(s.steady(lambda r, w: w.busy)))
     return common.table(head, rows)  # fmt: skip
+
+
+def _hottest_key(s: Scale, of: Callable[[ScaleRun], Sorted | None]) -> str:
+    """The key most commands named (first key; a script's own commands count under theirs),
+    in the first run, and its share across runs."""
+    seen = of(s.first)
+    if seen is None or not seen.by_key:
+        return "n/a"
+    key = seen.by_key.most_common(1)[0][0]
+
+    def share(r: ScaleRun) -> float:
+        x = of(r)
+        return x.by_key.get(key, 0) / x.total if x is not None and x.total else math.nan
+
+    return f"`{key}` ({_pct(s.each(share))})"
 
 
 def _lags(s: Scale) -> str:
@@ -401,12 +422,15 @@ def _global(costs: Costs) -> list[str]:
         "",
         *common.table(["call", *(f"N = {n:,}" for n in sizes)], rows),
         "",
-        "Admission (`place`) gets every live node that runs the worker as a candidate and "
-        "checks each (`SISMEMBER` for a retried reservation, then lease, info and slot "
-        "count while it looks for room): O(N). The directory a starting node reads (at most "
-        "once a second) is `HGETALL` + `SCARD` of every live node: O(N) per read, and every "
-        "node that starts sessions reads it. Counting live nodes each pass returns the whole "
-        "list (`ZRANGEBYSCORE`) to count it.",
+        "Admission (`place`) is given every live node that runs the worker as a candidate "
+        "and first looks for the session's ref in each candidate's slot set (`SISMEMBER`: "
+        "is this a retry of a start whose answer was lost?), N commands whatever the "
+        "placement then chooses (with `FLEET_PLACEMENT=local` and room on the node asked, "
+        "it looks no further than that node): O(N) per start. The directory a starting "
+        "node reads (at most once a second) is `HGETALL` + `SCARD` of every live node: O(N) "
+        "per read, and every node that starts sessions reads it. Counting live nodes each "
+        "pass returns the whole list (`ZRANGEBYSCORE`) to count it. Lease renewal, a pass's "
+        "other reads and reaping one session cost the same at any N.",
     ]
 
 

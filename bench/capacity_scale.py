@@ -42,7 +42,7 @@ STEADY_WINDOW = 20.0
 MONITOR_WINDOW = 10.0
 START_CONCURRENCY = 4
 START_RATE = 500.0  # sessions started a second, all nodes together
-RESUME_LIMIT = 150.0
+RESUME_LIMIT = 600.0  # seconds the dead nodes' slots may take to move; then 60 s to resume
 SETTLE = 10.0  # seconds between the last start and the first steady window
 #: Node settings: fleet's defaults, written out (FLEET_NODE_TTL 10, so a lease is renewed
 #: every 3.3 s; a maintenance pass and a metrics report every 5 s).
@@ -96,6 +96,7 @@ class Failover:
     moves: float = 0.0  # of those, slots moved (SMOVE)
     record_reads: float = 0.0  # session records read by reapers (HGETALL without LRANGE)
     seconds: float = math.nan  # from the kill to the end of the wait
+    slots_moved: float = math.nan  # seconds after the kill: no slot left on a dead node
     peak: list[Rates] = field(default_factory=list)
 
 
@@ -433,15 +434,22 @@ def _wait_back(
     from fleet.store.keys import Keys, split_ref
 
     keys = Keys("fleet")
-    deadline = time.monotonic() + RESUME_LIMIT
+    began = time.monotonic()
+    deadline, said = began + RESUME_LIMIT, began
     while time.monotonic() < deadline:
         time.sleep(0.5)
         pipe = reader.pipeline()
         for node in dead:
             pipe.scard(keys.node_sessions(node))
-        if not any(pipe.execute()):
+        left = sum(pipe.execute())
+        if not left:
+            f.slots_moved = time.monotonic() - began
             break
+        if time.monotonic() - said > 30:
+            said = time.monotonic()
+            common.progress(f"{left:,} slots still on the dead nodes after {said - began:.0f}s")
     time.sleep(2.0)
+    deadline = time.monotonic() + 60.0
     back: dict[str, float] = {}
     while time.monotonic() < deadline and len(back) + f.ended < len(refs):
         pending = [r for r in refs if r not in back]

@@ -195,6 +195,7 @@ class Sorted:
     by_tag: Counter[str] = field(default_factory=Counter)
     by_slot: Counter[int] = field(default_factory=Counter)
     by_what: Counter[str] = field(default_factory=Counter)  # "<tag> <command or script>"
+    by_key: Counter[str] = field(default_factory=Counter)  # the first key of each command
     slot_key: dict[int, str] = field(default_factory=dict)  # one key seen in each slot
 
     @property
@@ -202,8 +203,50 @@ class Sorted:
         return sum(self.by_tag.values())
 
 
+class _Feed:
+    """One shard's ``MONITOR`` lines, sorted into ``out``. A script's own commands come
+    right after it (Redis feeds the script first), from the client ``lua``: they count
+    under the script's tag and slot."""
+
+    def __init__(self, out: Sorted, scripts: dict[str, str]) -> None:
+        self.out = out
+        self.scripts = scripts
+        self.script = ("-", -1, "")  # tag, slot and name of the last script this shard ran
+
+    def line(self, raw: bytes) -> None:
+        m = _LINE.match(raw.decode("utf-8", "replace").rstrip())
+        tokens = _TOKEN.findall(m["args"][:600]) if m else []
+        if m is None or not tokens:
+            return
+        command = tokens[0].lower()
+        if command in ("info", "monitor") or (
+            command == "cluster" and len(tokens) > 1 and tokens[1].lower() == "info"
+        ):
+            return
+        key = _first_key(command, tokens)
+        if m["client"] == "lua":
+            tag, slot, name = self.script
+            self.out.by_what[f"{tag} {name} (inside)"] += 1
+        else:
+            tag = tag_of(key) if key else "-"
+            slot = key_slot(key.encode()) if key else -1
+            name = command
+            if command in ("evalsha", "eval") and len(tokens) > 1:
+                name = self.scripts.get(tokens[1], "script")
+                self.script = (tag, slot, name)
+            self.out.by_what[f"{tag} {name}"] += 1
+            if slot >= 0:
+                self.out.slot_key.setdefault(slot, key)
+        if key:
+            self.out.by_key[key] += 1
+        self.out.by_tag[tag] += 1
+        if slot >= 0:
+            self.out.by_slot[slot] += 1
+
+
 async def _monitor(port: int, seconds: float, scripts: dict[str, str], out: Sorted) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**24)
+    feed = _Feed(out, scripts)
     try:
         writer.write(b"MONITOR\r\n")
         await writer.drain()
@@ -211,40 +254,11 @@ async def _monitor(port: int, seconds: float, scripts: dict[str, str], out: Sort
             raise RuntimeError("MONITOR was refused")
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds
-        script = ("-", -1, "")  # tag, slot and name of the last script this shard ran
         while (left := end - loop.time()) > 0:
             try:
-                raw = await asyncio.wait_for(reader.readline(), left)
+                feed.line(await asyncio.wait_for(reader.readline(), left))
             except TimeoutError:
                 break
-            m = _LINE.match(raw.decode("utf-8", "replace").rstrip())
-            if m is None:
-                continue
-            tokens = _TOKEN.findall(m["args"][:600])
-            if not tokens:
-                continue
-            command = tokens[0].lower()
-            if command in ("info", "monitor") or (
-                command == "cluster" and len(tokens) > 1 and tokens[1].lower() == "info"
-            ):
-                continue
-            if m["client"] == "lua":  # inside the script fed just before it
-                tag, slot, name = script
-                out.by_what[f"{tag} {name} (inside)"] += 1
-            else:
-                key = _first_key(command, tokens)
-                tag = tag_of(key) if key else "-"
-                slot = key_slot(key.encode()) if key else -1
-                name = command
-                if command in ("evalsha", "eval") and len(tokens) > 1:
-                    name = scripts.get(tokens[1], "script")
-                    script = (tag, slot, name)
-                out.by_what[f"{tag} {name}"] += 1
-                if slot >= 0:
-                    out.slot_key.setdefault(slot, key)
-            out.by_tag[tag] += 1
-            if slot >= 0:
-                out.by_slot[slot] += 1
     finally:
         writer.close()
 
