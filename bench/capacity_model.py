@@ -206,3 +206,21 @@ def max_starts(costs: Costs, nodes: int, budget: float, ttl: float = 10.0) -> fl
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if load(mid) <= budget else (lo, mid)
     return lo
+
+
+def max_nodes(costs: Costs, budget: float, ttl: float = 10.0, interval: float = 5.0) -> float:
+    """The fleet size at which the nodes' leases and maintenance passes alone take
+    ``budget`` cores of the ``{g}`` shard (the live-node count of each pass grows with N,
+    so this load grows as N²). Beyond the sizes measured: a + b·N fits."""
+    idle = Workload("idle", 0, 0, 0, 0)
+
+    def load(n: float) -> float:
+        return predict(costs, idle, max(1, int(n)), 0, 3, ttl=ttl, interval=interval).g_nodes_cpu
+
+    lo, hi = 1.0, 1e6
+    if load(hi) <= budget:
+        return math.inf
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if load(mid) <= budget else (lo, mid)
+    return lo

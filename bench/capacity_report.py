@@ -13,6 +13,7 @@ from bench.capacity_model import (
     CREATE_COMMANDS,
     Costs,
     Workload,
+    max_nodes,
     max_starts,
     predict,
     shards_needed,
@@ -160,7 +161,7 @@ def _measured(results: Results, scales: dict[tuple[int, int], Scale]) -> list[st
         "…checkpoints/s done (expected)",
         lambda s: (
             s.steady(lambda r, w: w.command("lpush")).fmt("", 0)
-            + f" ({s.first.sessions / results.tick:,.0f})"
+            + f"; {s.first.sessions / results.tick:,.0f} expected"
         ),
     )
     row("…CPU, the `{g}` shard", lambda s: _pct(s.steady(lambda r, w: w.shards[r.g_shard].cpu)))
@@ -447,7 +448,18 @@ def _model_vs(results: Results, costs: Costs, scales: dict[tuple[int, int], Scal
             costs.g_commands("admission with placement (place)", nodes) + CREATE_COMMANDS
             + nodes * costs.g_commands("live-node directory read", nodes) / (rate or math.nan)
         )  # fmt: skip
-        start_g = start_cmd - CREATE_COMMANDS
+        # While MONITOR watches (the second half's first seconds) about half the sessions
+        # run already: their ticks, and the nodes' own background, share the window.
+        ticks = (
+            sessions
+            / 2
+            / results.tick
+            * sum(costs.k(op) for op in ("emit", "checkpoint", "metrics report"))
+        )
+        idle = Workload("idle", 0, 0, 0, 0)
+        background = predict(costs, idle, nodes, 0, 3, ttl=s.first.ttl).commands
+        start_g = (start_cmd - CREATE_COMMANDS) * rate
+        start_share = start_g / (start_cmd * rate + ticks + background)
         start_cpu = costs.g("admission with placement (place)", nodes) + nodes * costs.g(
             "live-node directory read", nodes
         ) / (rate or math.nan)
@@ -464,7 +476,7 @@ def _model_vs(results: Results, costs: Costs, scales: dict[tuple[int, int], Scal
              _pct(s.each(lambda r: _share(r.steady_sorted, "g")))],
             ["", "commands per start (place, create, directory)", f"{start_cmd:,.1f}",
              s.each(lambda r: _start_only(r, costs, results.tick)).fmt("", 1)],
-            ["", "`{g}` share of commands during a mass start", f"{start_g / start_cmd:.1%}",
+            ["", "`{g}` share of commands during a mass start", f"{start_share:.1%}",
              _pct(s.each(lambda r: _share(r.start_sorted, "g")))],
             ["", "`{g}` shard CPU per start", f"{start_cpu:,.0f} µs",
              s.each(lambda r: (r.start.shards[r.g_shard].cpu - _others(r.start, r.g_shard))
@@ -551,7 +563,10 @@ def _predict(costs: Costs) -> list[str]:
         f"{costs.g('live-node directory read', n):,.0f} µs): "
         f"{s / max(most, 1e-9) / 60:,.0f} minutes to start {s:,} sessions, and "
         f"{s / LIFETIME:,.0f} starts/s of churn is "
-        f"{(s / LIFETIME) / max(most, 1e-9):,.1f}× what it can take. Node side: a tick "
+        f"{(s / LIFETIME) / max(most, 1e-9):,.1f}× what it can take. With no starts at "
+        "all, the nodes' leases and passes alone would fill that budget at about "
+        f"{max_nodes(costs, BUDGET):,.0f} nodes (each pass counts the live nodes by "
+        "listing them: N² a second fleet-wide; fitted beyond 1,000). Node side: a tick "
         f"costs the node about {node_tick:,.0f} µs of CPU (emit, checkpoint, a fifth of a "
         f"report), so {s // n:,} sessions ticking every second keep "
         f"{node_tick * (s // n) / 1e6:.2f} cores of a node busy.",
@@ -662,6 +677,14 @@ def _notes(results: Results, scales: dict[tuple[int, int], Scale], load_before: 
         "`FLEET_NODE_TTL=30` that is up to 30 s after the kill; the lapse-to-last row is "
         "the part the fleet's work decides.",
     ]
+    seen = [v for s in scales.values() for r in s.runs for v in r.coverage.values()]
+    if seen:
+        out.append(
+            f"`MONITOR` windows saw {Agg.of(seen).fmt('%', 1, 100.0)} of the commands "
+            "`INFO commandstats` counted over the same seconds (all windows, all scales): "
+            "the shares above are of every command, not of a sample that favours the "
+            "quieter shards."
+        )
     problems: dict[str, int] = {}
     for s in scales.values():
         for r in s.runs:

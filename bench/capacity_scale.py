@@ -122,6 +122,8 @@ class ScaleRun:
     failover: Failover = field(default_factory=Failover)
     memory: int = 0  # used_memory of all shards at steady state, less with the nodes idle
     lag: dict[str, float] = field(default_factory=dict)  # phase -> worst event-loop lag (s)
+    # What MONITOR saw over what INFO commandstats counted in the same seconds.
+    coverage: dict[str, float] = field(default_factory=dict)
     log_problems: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -334,6 +336,8 @@ def _phases(
     run.memory = sum(r.memory for r in marks.sampler.readings[-1]) - idle_memory
     if not run.only_failover:
         run.steady_sorted = monitor(ports, MONITOR_WINDOW)
+        marks.mark()  # a reading after the window, to count what it ran
+        run.coverage["steady"] = _coverage(marks.sampler, run.steady_sorted)
     _failover(run, marks, children, reader, tag)
 
 
@@ -368,6 +372,8 @@ def _mass_start(
     if not run.only_failover:
         spy.join()
     run.start_sorted = seen[0] if seen else None
+    if run.start_sorted is not None:
+        run.coverage["mass start"] = _coverage(marks.sampler, run.start_sorted)
     run.lag["mass start"] = max(x["lag"] for x in answers)
     run.started = sum(x["started"] for x in answers)
     for x in answers:
@@ -498,6 +504,24 @@ def _ended_since(f: Failover, reader: Any, since: float) -> None:
     for reason, error in pipe.execute():
         key = f"{reason}" + (f" ({error})" if error else "")
         f.ended_anywhere[key] = f.ended_anywhere.get(key, 0) + 1
+
+
+def _coverage(sampler: Sampler, seen: Sorted) -> float:
+    """The commands MONITOR saw in its window over those ``INFO commandstats`` counted in
+    the same seconds (cumulative counts interpolated between the sampler's readings)."""
+    rows = list(sampler.readings)
+    at = [row[0].at for row in rows]
+    totals = [sum(r.total for r in row) for row in rows]
+
+    def count(t: float) -> float:
+        for i in range(1, len(at)):
+            if at[i] >= t:
+                share = (t - at[i - 1]) / max(at[i] - at[i - 1], 1e-9)
+                return totals[i - 1] + share * (totals[i] - totals[i - 1])
+        return math.nan
+
+    executed = count(seen.began + seen.seconds) - count(seen.began)
+    return seen.total / executed if executed > 0 else math.nan
 
 
 def _around(sampler: Sampler, start: float, end: float, a: int, b: int) -> tuple[int, int]:

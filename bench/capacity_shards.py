@@ -28,7 +28,7 @@ _KEYLESS = frozenset(
     {"ping", "time", "multi", "exec", "hello", "subscribe", "psubscribe", "client"}
 )
 _TAG = re.compile(r"\{([^}]*)\}")
-_LINE = re.compile(r"^\+\d+\.\d+ \[\d+ (?P<client>[^\]]+)\] (?P<args>.*)$")
+_LINE = re.compile(r"^\+(?P<ts>\d+\.\d+) \[\d+ (?P<client>[^\]]+)\] (?P<args>.*)$")
 _TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
@@ -192,6 +192,7 @@ class Sorted:
     sent them."""
 
     seconds: float = 0.0
+    began: float = 0.0  # time.monotonic() when the window began
     by_tag: Counter[str] = field(default_factory=Counter)
     by_slot: Counter[int] = field(default_factory=Counter)
     by_what: Counter[str] = field(default_factory=Counter)  # "<tag> <command or script>"
@@ -213,18 +214,28 @@ class _Feed:
         self.scripts = scripts
         self.script = ("-", -1, "")  # tag, slot and name of the last script this shard ran
 
-    def line(self, raw: bytes) -> None:
+    def line(self, raw: bytes, start: float, end: float) -> bool:
+        """Sort one line if Redis ran its command between ``start`` and ``end`` (unix
+        seconds, Redis' clock); False once a line is past ``end``."""
         m = _LINE.match(raw.decode("utf-8", "replace").rstrip())
-        tokens = _TOKEN.findall(m["args"][:600]) if m else []
-        if m is None or not tokens:
-            return
+        if m is None:
+            return True
+        at = float(m["ts"])
+        if at > end:
+            return False
+        tokens = _TOKEN.findall(m["args"][:600])
+        if at >= start and tokens:
+            self._sort(m["client"], tokens)
+        return True
+
+    def _sort(self, client: str, tokens: list[str]) -> None:
         command = tokens[0].lower()
         if command in ("info", "monitor") or (
             command == "cluster" and len(tokens) > 1 and tokens[1].lower() == "info"
         ):
             return
         key = _first_key(command, tokens)
-        if m["client"] == "lua":
+        if client == "lua":
             tag, slot, name = self.script
             self.out.by_what[f"{tag} {name} (inside)"] += 1
         else:
@@ -244,7 +255,14 @@ class _Feed:
             self.out.by_slot[slot] += 1
 
 
-async def _monitor(port: int, seconds: float, scripts: dict[str, str], out: Sorted) -> None:
+async def _monitor(
+    port: int, window: tuple[float, float], scripts: dict[str, str], out: Sorted
+) -> None:
+    """Every command the shard ran in ``window`` (unix seconds, the clock Redis stamps
+    ``MONITOR`` lines with: this machine's). Lines are read until one is past the window,
+    however long that takes: a reader that falls behind a busy shard would otherwise see
+    less of it than of the others."""
+    start, end = window
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**24)
     feed = _Feed(out, scripts)
     try:
@@ -252,12 +270,14 @@ async def _monitor(port: int, seconds: float, scripts: dict[str, str], out: Sort
         await writer.drain()
         if not (await reader.readline()).startswith(b"+OK"):
             raise RuntimeError("MONITOR was refused")
-        loop = asyncio.get_running_loop()
-        end = loop.time() + seconds
-        while (left := end - loop.time()) > 0:
+        give_up = time.monotonic() + (end - start) * 20 + 30
+        while time.monotonic() < give_up:
+            wait = max(end - time.time(), 0.0) + 0.5  # a shard with nothing more to say
             try:
-                feed.line(await asyncio.wait_for(reader.readline(), left))
+                raw = await asyncio.wait_for(reader.readline(), wait)
             except TimeoutError:
+                break
+            if not feed.line(raw, start, end):
                 break
     finally:
         writer.close()
@@ -279,12 +299,16 @@ def script_names() -> dict[str, str]:
 
 
 def monitor(ports: list[int], seconds: float) -> Sorted:
-    """``MONITOR`` on every shard at once for ``seconds``."""
+    """``MONITOR`` on every shard at once: the commands run in the next ``seconds``."""
     out = Sorted(seconds=seconds)
     scripts = script_names()
 
     async def all_of() -> None:
-        await asyncio.gather(*(_monitor(p, seconds, scripts, out) for p in ports))
+        lead = 0.3  # every MONITOR connection in place before the window opens
+        out.began = time.monotonic() + lead
+        start = time.time() + lead
+        window = (start, start + seconds)
+        await asyncio.gather(*(_monitor(p, window, scripts, out) for p in ports))
 
     asyncio.run(all_of())
     return out
