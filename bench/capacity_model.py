@@ -1,0 +1,226 @@
+"""The capacity model of docs/capacity.md, with its constants taken from bench/capacity.py's
+measurements.
+
+For N nodes, S sessions, each emitting ``r_e``, checkpointing ``r_c``, reporting metrics
+``r_r`` and receiving ``r_m`` messages a second, ``λ`` starts (and as many ends) a second,
+on K shards:
+
+    commands/s  = S·(k_e·r_e + k_c·r_c + k_r·r_r + k_m·r_m) + N·k_node + λ·k_start(N)
+    shard CPU   = b + S·(u_e·r_e + u_c·r_c + u_r·r_r + u_m·r_m) / K      (call slots)
+                + P·u_bus·(K − 1)/K, P = S·(r_e + 2·r_m)                  (cluster bus)
+    {g} shard  += N·(u_hb·3/TTL + u_pass(N)/I) + λ·(u_place(N) + u_release)
+                + D·u_dir(N), D = directory reads/s = N·min(1, λ/N)
+
+``k`` are commands per operation, ``u`` shard CPU per operation (µs) and ``b`` an idle
+shard's own (crons, cluster-bus pings); ``u_e`` and
+``u_m`` here leave out what the bus costs the other shards, which the ``P`` term counts.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bench.capacity_units import Bus, GlobalCall, Unit
+
+#: What each node sends per lease renewal and per maintenance pass (commands, scripts'
+#: insides included): heartbeat.lua runs 7 commands; a pass reads its close requests
+#: ({n:<node>}) and its slot count, and runs expired_nodes.lua and the live-node count
+#: (3 each).
+HEARTBEAT_COMMANDS = 8
+PASS_COMMANDS = 8
+PASS_CALLS = (
+    "maintenance: slot count (SCARD)",
+    "maintenance: expired nodes",
+    "maintenance: count live nodes",
+)
+CREATE_COMMANDS = 5  # create_session.lua: the call slot's part of a start
+END_COMMANDS = 22  # end_session.lua and release.lua (round_trips: 26 with the close itself)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    emit: float  # a session, per second
+    checkpoint: float
+    report: float  # metrics reports: min(how often they change, 1 / FLEET_METRICS_REPORT_INTERVAL)
+    message: float
+    lifetime: float = math.inf  # mean seconds a session lives: starts/s = S / lifetime
+
+    @classmethod
+    def tick(cls, seconds: float, report_interval: float = 5.0) -> Workload:
+        """The counter (or Paced with everything on) ticking every ``seconds``."""
+        rate = 1.0 / seconds
+        return cls(f"tick {seconds:g} s", rate, rate, min(rate, 1 / report_interval), 0.0)
+
+
+def fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares a + b·x through (x, y) points."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if len(points) < 2 or len(set(xs)) < 2:
+        return (statistics.fmean(ys) if ys else math.nan), 0.0
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+@dataclass
+class Costs:
+    """The model's constants: medians of the runs."""
+
+    ops: dict[str, Unit]  # emit, checkpoint, metrics report, message: at the fleet's pace
+    busy: dict[str, Unit]  # the same on a busy shard
+    bus: Bus
+    global_calls: dict[int, dict[str, GlobalCall]]  # fleet size -> call -> cost
+    background: float = 0.0  # cores: an idle shard's main thread (crons, cluster bus pings)
+
+    def k(self, op: str) -> float:
+        return self.ops[op].commands if op in self.ops else math.nan
+
+    def u(self, op: str, busy: bool = False) -> float:
+        """Shard CPU (µs) of one operation where it runs, without the bus's share; ``busy``:
+        as a busy shard spends it (many commands per wakeup) rather than a mostly idle one
+        (a wakeup per command, as the measured fleets ran)."""
+        unit = (self.busy if busy else self.ops).get(op)
+        if unit is None:
+            return math.nan
+        return unit.cpu_us - unit.bus * self.bus.receiver_us
+
+    def g(self, call: str, nodes: float) -> float:
+        """µs of ``{g}`` shard CPU for one call at a fleet of ``nodes`` (a + b·N fitted
+        through the sizes measured; exact at those sizes)."""
+        points = [(float(n), c[call].cpu_us) for n, c in self.global_calls.items() if call in c]
+        if any(n == nodes for n, _ in points):
+            return next(v for n, v in points if n == nodes)
+        a, b = fit(points)
+        return a + b * nodes
+
+    def g_commands(self, call: str, nodes: float) -> float:
+        points = [(float(n), c[call].commands) for n, c in self.global_calls.items() if call in c]
+        a, b = fit(points)
+        return a + b * nodes
+
+
+@dataclass
+class Prediction:
+    commands: float = 0.0  # all shards, a second
+    g_commands: float = 0.0  # of which on the {g} slot
+    call_cpu: float = 0.0  # cores, all shards, the sessions' own work (no bus)
+    bus_cpu: float = 0.0  # cores, on each shard, receiving other shards' PUBLISHes
+    shard_cpu: float = 0.0  # cores, an ordinary shard
+    g_nodes_cpu: float = 0.0  # cores, the {g} slot: leases and maintenance passes
+    g_starts_cpu: float = 0.0  # cores, the {g} slot: admission and release
+    g_directory_cpu: float = 0.0  # cores, the {g} slot: live-node directory reads
+    publishes: float = 0.0  # classic PUBLISHes a second, fleet-wide
+
+    @property
+    def g_cpu(self) -> float:
+        return self.g_nodes_cpu + self.g_starts_cpu + self.g_directory_cpu
+
+    @property
+    def g_shard_cpu(self) -> float:
+        return self.shard_cpu + self.g_cpu
+
+
+def predict(
+    costs: Costs,
+    w: Workload,
+    nodes: int,
+    sessions: int,
+    shards: int,
+    *,
+    ttl: float = 10.0,
+    interval: float = 5.0,
+    sharded_publish: bool = False,
+    busy: bool = False,
+) -> Prediction:
+    """What the model says for one fleet (see the module's doc)."""
+    p = Prediction()
+    s = float(sessions)
+    ops = (("emit", w.emit), ("checkpoint", w.checkpoint), ("metrics report", w.report),
+           ("message", w.message))  # fmt: skip
+    per_node = HEARTBEAT_COMMANDS * 3 / ttl + PASS_COMMANDS / interval
+    starts = s / w.lifetime if math.isfinite(w.lifetime) else 0.0
+    place = costs.g_commands("admission with placement (place)", nodes)
+    directory = nodes * min(1.0, starts / nodes) if starts else 0.0
+    dir_commands = costs.g_commands("live-node directory read", nodes)
+    p.commands = (
+        s * sum(costs.k(op) * r for op, r in ops if r)
+        + nodes * per_node
+        + starts * (place + CREATE_COMMANDS + END_COMMANDS)
+        + directory * dir_commands
+    )
+    p.g_commands = (
+        nodes * (HEARTBEAT_COMMANDS * 3 / ttl + (PASS_COMMANDS - 1) / interval)
+        + starts * (place + 8)
+        + directory * dir_commands
+    )
+    p.call_cpu = s * sum(costs.u(op, busy) * r for op, r in ops if r) / 1e6
+    p.publishes = s * (w.emit + 2 * w.message)
+    if not sharded_publish:
+        p.bus_cpu = p.publishes * costs.bus.receiver_us * (shards - 1) / shards / 1e6
+    p.shard_cpu = costs.background + p.call_cpu / shards + p.bus_cpu
+    heartbeat = costs.g("lease renewal (heartbeat)", nodes)
+    one_pass = sum(costs.g(c, nodes) for c in PASS_CALLS)
+    p.g_nodes_cpu = nodes * (heartbeat * 3 / ttl + one_pass / interval) / 1e6
+    p.g_starts_cpu = (
+        starts
+        * (costs.g("admission with placement (place)", nodes) + costs.g("release a slot", nodes))
+        / 1e6
+    )
+    p.g_directory_cpu = directory * costs.g("live-node directory read", nodes) / 1e6
+    return p
+
+
+def shards_needed(
+    costs: Costs, w: Workload, nodes: int, sessions: int, budget: float, *, sharded: bool
+) -> float:
+    """The fewest shards that keep an ordinary shard's main thread under ``budget`` (a share
+    of one core), at busy-shard costs; infinite when the bus alone takes more."""
+    for k in range(2, 100_001):
+        p = predict(costs, w, nodes, sessions, k, sharded_publish=sharded, busy=True)
+        if p.shard_cpu <= budget:
+            return float(k)
+        if p.bus_cpu >= budget:
+            return math.inf
+    return math.inf
+
+
+def max_starts(costs: Costs, nodes: int, budget: float, ttl: float = 10.0) -> float:
+    """Starts a second the ``{g}`` slot can take within ``budget`` cores at ``nodes`` nodes,
+    counting its leases and passes, admission and release per start, and the live-node
+    directory each node that starts sessions reads (at most once a second)."""
+    base = predict(costs, Workload("idle", 0, 0, 0, 0), nodes, 0, 3, ttl=ttl).g_nodes_cpu
+    each = costs.g("admission with placement (place)", nodes) + costs.g("release a slot", nodes)
+    read = costs.g("live-node directory read", nodes)
+
+    def load(rate: float) -> float:
+        return base + (rate * each + min(float(nodes), rate) * read) / 1e6
+
+    if load(0.0) >= budget or not each > 0:
+        return 0.0
+    lo, hi = 0.0, 1e7
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if load(mid) <= budget else (lo, mid)
+    return lo
+
+
+def max_nodes(costs: Costs, budget: float, ttl: float = 10.0, interval: float = 5.0) -> float:
+    """The fleet size at which the nodes' leases and maintenance passes alone take
+    ``budget`` cores of the ``{g}`` shard (the live-node count of each pass grows with N,
+    so this load grows as N²). Beyond the sizes measured: a + b·N fits."""
+    idle = Workload("idle", 0, 0, 0, 0)
+
+    def load(n: float) -> float:
+        return predict(costs, idle, max(1, int(n)), 0, 3, ttl=ttl, interval=interval).g_nodes_cpu
+
+    lo, hi = 1.0, 1e6
+    if load(hi) <= budget:
+        return math.inf
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if load(mid) <= budget else (lo, mid)
+    return lo
