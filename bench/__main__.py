@@ -30,7 +30,7 @@ from bench import common
 ORDER = ("close_latency", "admission_race", "heartbeat_cost", "events_latency")
 NOT_BENCHMARKS = {"common", "__main__", "workers"}
 # Run only when named: the soak injects faults for ten minutes (``--seconds``, ``--seed``).
-ON_REQUEST = ("soak", "peer_starts")
+ON_REQUEST = ("soak", "peer_starts", "capacity")
 
 
 def discover() -> dict[str, ModuleType]:
