@@ -93,6 +93,7 @@ class Node:
             moves=self.moves,
             ends=self.ends,
             lease_held=lambda: self.lease.held,
+            live_count=lambda: sum(self._state_counts.values()),
         )
         self.drain = Drain(
             settings,
