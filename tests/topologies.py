@@ -9,6 +9,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import redis
 
 from tests.redis_server import RedisServer, free_port
 
@@ -73,6 +76,57 @@ class LocalCluster:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
+
+    def _clients(self) -> list[Any]:
+        """A plain client per master (``Any``: ``execute_command`` is untyped)."""
+        return [redis.Redis(port=s.port, decode_responses=True) for s in self.servers]
+
+    def owner(self, slot: int) -> int:
+        """The index in ``servers`` of the master that holds ``slot``."""
+        with self._clients()[0] as client:
+            for first, last, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if first <= slot <= last:
+                    ports = [s.port for s in self.servers]
+                    return ports.index(int(master[1]))
+        raise RuntimeError(f"no master holds slot {slot}")
+
+    def move_slot(self, slot: int, to: int) -> None:
+        """Move ``slot`` and its keys to ``servers[to]``, as ``redis-cli --cluster reshard``
+        does: importing/migrating, ``MIGRATE`` of the keys, then the new owner everywhere."""
+        src = self.owner(slot)
+        clients = self._clients()
+        try:
+            ids = [c.execute_command("CLUSTER", "MYID") for c in clients]
+            clients[to].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+            clients[src].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[to])
+            while keys := clients[src].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+                port = self.servers[to].port
+                clients[src].execute_command(
+                    "MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys
+                )
+            for i in (to, src, *(i for i in range(len(clients)) if i not in (to, src))):
+                clients[i].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[to])
+        finally:
+            for client in clients:
+                client.close()
+
+    def bus_publishes(self) -> list[int]:
+        """Per master: the classic ``PUBLISH``es it got from the others over the cluster
+        bus (``cluster_stats_messages_publish_received``)."""
+        counts = []
+        for client in self._clients():
+            with client:
+                info = client.execute_command("CLUSTER", "INFO")
+            line = next(
+                (
+                    x
+                    for x in info.splitlines()
+                    if x.startswith("cluster_stats_messages_publish_received:")
+                ),
+                "x:0",
+            )
+            counts.append(int(line.split(":")[1]))
+        return counts
 
 
 class LocalSentinel:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis, RedisCluster
 
+from fleet.errors import ConfigError
 from fleet.settings import Settings
 from fleet.store.keys import Keys
 from fleet.store.scripts import Scripts
@@ -39,4 +40,14 @@ class StoreBase:
         return self.keys.events_channel(call_id, session_id) if self.cluster else ""
 
     async def load(self) -> None:
+        """Load the scripts; on Cluster, first check that the servers know sharded pub/sub,
+        which the scripts announce stream entries with (``ConfigError`` if not)."""
+        if self.cluster:
+            cluster = cast(RedisCluster, self.redis)
+            await cluster.initialize()
+            if "spublish" not in cluster.commands_parser.commands:
+                raise ConfigError(
+                    "Redis Cluster 7.0 or later is needed: fleet announces stream entries "
+                    "with sharded pub/sub (SPUBLISH)"
+                )
         await self.scripts.load()

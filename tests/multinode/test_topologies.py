@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.crc import key_slot
 
 from tests.multinode.harness import LocalFleet, NodeProcess
 from tests.sse import read_sse, ticks
@@ -299,5 +300,55 @@ def test_threads_across_slots_with_a_repair() -> None:
             heard = thread["state"]["heard"]
             assert sorted(heard[:2]) == [0, 1] and heard[2:] == [2, 3, 4]
             assert len(thread["sessions"]) == 2
+    finally:
+        cluster.stop()
+
+
+async def test_cluster_announcements_stay_on_their_shard() -> None:
+    """On Cluster a stream's entries are announced by sharded pub/sub: a listener follows
+    a session live, and the other shards get none of it over the cluster bus (a classic
+    PUBLISH reaches every shard, whoever listens: docs/capacity.md)."""
+    cluster = LocalCluster().start()
+    try:
+        with LocalFleet(2, redis=cluster) as fleet:
+            a, b = fleet.nodes
+            before = cluster.bus_publishes()
+            sid = fleet.start("quiet-bus", node=a, params={"interval": 0.02, "limit": 50})
+            async with httpx.AsyncClient(timeout=10) as client:
+                url = f"{b.url}/calls/quiet-bus/sessions/{sid['session_id']}/events"
+                events = await read_sse(client, url)
+            assert ticks(events) == list(range(1, 51))
+            grown = [x - y for x, y in zip(cluster.bus_publishes(), before, strict=True)]
+            # 52 entries were announced (started, 50 ticks, ended); the few classic
+            # messages left are the nodes' own (a start's placement, the end's waiters).
+            assert sum(grown) < 10, grown
+    finally:
+        cluster.stop()
+
+
+async def test_cluster_listener_follows_a_moved_slot() -> None:
+    """When the slot of a followed session's call moves to another shard mid-stream, the
+    old shard drops the subscription; the node subscribes again where the slot is now and
+    reads what was written meanwhile: every event once, in order, to the end."""
+    cluster = LocalCluster().start()
+    try:
+        with LocalFleet(2, redis=cluster) as fleet:
+            a, b = fleet.nodes
+            sid = fleet.start("moving", node=a, params={"interval": 0.05, "limit": 60})
+            slot = key_slot(b"{c:moving}")
+            was = cluster.owner(slot)
+
+            def move(event: dict[str, str]) -> None:
+                if event["event"] == "tick" and json.loads(event["data"])["n"] == 10:
+                    cluster.move_slot(slot, (was + 1) % 3)
+
+            async with httpx.AsyncClient(timeout=10) as client:
+                url = f"{b.url}/calls/moving/sessions/{sid['session_id']}/events"
+                events = await read_sse(client, url, on_event=move)
+            assert cluster.owner(slot) == (was + 1) % 3
+            assert ticks(events) == list(range(1, 61))
+            assert events[-1]["event"] == "session_ended"
+            ended = fleet.session("moving", sid["session_id"], node=b)
+            assert ended["end_reason"] == "completed", ended
     finally:
         cluster.stop()

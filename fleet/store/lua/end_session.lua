@@ -9,7 +9,7 @@
 -- ARGV[3] end_reason      ARGV[4] ended_at (unix seconds)   ARGV[5] tombstone TTL (s)
 -- ARGV[6] error summary ('' = none)   ARGV[7] stream max length (approximate)
 -- ARGV[8] session_ended event data (JSON)
--- ARGV[9] the stream's channel, to announce session_ended on ('' = none: see keys.py)
+-- ARGV[9] the stream's channel, to announce session_ended on by SPUBLISH ('' = none: see keys.py)
 -- ARGV[10] a message for the nodes that wait for this end ('' = none)
 -- ARGV[11] the worker's final metrics (a JSON object; '' = keep the last report), written
 --          with metrics_reported_at = ended_at: the owner's last report rides on its end
@@ -49,7 +49,7 @@ end
 local id = redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*',
   'type', 'session_ended', 'data', ARGV[8])
 if ARGV[9] ~= '' then
-  redis.call('PUBLISH', ARGV[9], id)
+  redis.call('SPUBLISH', ARGV[9], id)
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[4], tonumber(ARGV[13]))

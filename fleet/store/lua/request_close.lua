@@ -9,7 +9,7 @@
 -- ARGV[5] the asking node's id: no message when it is the owner (it acts at once itself)
 -- ARGV[6] principal: '' for anyone; else only a session that principal started is seen
 -- ARGV[7] stream max length (approximate)   ARGV[8] session_closing event data (JSON)
--- ARGV[9] the stream's channel, to announce the entry on ('' = none: see keys.py)
+-- ARGV[9] the stream's channel, to announce the entry on by SPUBLISH ('' = none: see keys.py)
 -- Returns {'missing'}, {'closing', owner} or {'ended', owner, field, value, ...}.
 local rec = redis.call('HMGET', KEYS[1], 'node_id', 'state', 'close_reason', 'principal')
 if not rec[1] or (ARGV[6] ~= '' and rec[4] ~= ARGV[6]) then
@@ -28,7 +28,7 @@ if not rec[3] then
   local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*',
     'type', 'session_closing', 'data', ARGV[8])
   if ARGV[9] ~= '' then
-    redis.call('PUBLISH', ARGV[9], id)
+    redis.call('SPUBLISH', ARGV[9], id)
   end
 end
 redis.call('HSET', KEYS[1], 'state', 'closing')

@@ -12,7 +12,7 @@
 -- ARGV[6] owner channel prefix (keys.py; the owner's node id is appended)
 -- ARGV[7] the nudge to publish to the owner
 -- ARGV[8] event stream max length (approximate)
--- ARGV[9] the event stream's channel, to announce the entry on ('' = none: see keys.py)
+-- ARGV[9] the event stream's channel, to announce the entry on by SPUBLISH ('' = none: see keys.py)
 -- ARGV[10] sent_at (unix seconds)
 -- ARGV[11] the asking node, for the reply ('' = nobody waits)   ARGV[12] its ask token
 -- Returns {'missing'}, {'ended'}, {'busy'}, {'full'}, {'dup', id} or {'ok', id}.
@@ -47,7 +47,7 @@ local event = '{"message_id":"' .. id .. '","type":"' .. ARGV[2] .. '","data":' 
 local eid = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*',
   'type', 'message', 'data', event)
 if ARGV[9] ~= '' then
-  redis.call('PUBLISH', ARGV[9], eid)
+  redis.call('SPUBLISH', ARGV[9], eid)
 end
 redis.call('PUBLISH', ARGV[6] .. rec[1], ARGV[7])
 return {'ok', id}
