@@ -7,13 +7,16 @@ on K shards:
 
     commands/s  = S·(k_e·r_e + k_c·r_c + k_r·r_r + k_m·r_m) + N·k_node + λ·k_start(N)
     shard CPU   = b + S·(u_e·r_e + u_c·r_c + u_r·r_r + u_m·r_m) / K      (call slots)
-                + P·u_bus·(K − 1)/K, P = S·(r_e + 2·r_m)                  (cluster bus)
+                + P·u_bus·(K − 1)/K, P = S·(p_e·r_e + … + p_m·r_m)      (cluster bus)
     {g} shard  += N·(u_hb·3/TTL + u_pass(N)/I) + λ·(u_place(N) + u_release)
                 + D·u_dir(N), D = directory reads/s = N·min(1, λ/N)
 
-``k`` are commands per operation, ``u`` shard CPU per operation (µs) and ``b`` an idle
-shard's own (crons, cluster-bus pings); ``u_e`` and
-``u_m`` here leave out what the bus costs the other shards, which the ``P`` term counts.
+``k`` are commands per operation, ``u`` shard CPU per operation (µs), ``p`` the classic
+``PUBLISH``es per operation (measured: what the other shards of the 3-shard Cluster
+received over the bus, over 2) and ``b`` an idle shard's own (crons, cluster-bus pings);
+``u`` here leaves out what the bus costs the other shards, which the ``P`` term counts.
+Sharded publishes (``SPUBLISH``: stream announcements) stay on their shard and are in
+``u``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ PASS_CALLS = (
     "maintenance: expired nodes",
     "maintenance: count live nodes",
 )
+MEASURED_SHARDS = 3  # the unit costs' Cluster: a classic PUBLISH reaches the 2 others
 CREATE_COMMANDS = 5  # create_session.lua: the call slot's part of a start
 END_COMMANDS = 22  # end_session.lua and release.lua (round_trips: 26 with the close itself)
 
@@ -87,6 +91,11 @@ class Costs:
         if unit is None:
             return math.nan
         return unit.cpu_us - unit.bus * self.bus.receiver_us
+
+    def publishes(self, op: str) -> float:
+        """Classic ``PUBLISH``es one operation sends (they cross the bus to every shard)."""
+        unit = self.ops.get(op)
+        return unit.bus / (MEASURED_SHARDS - 1) if unit is not None else math.nan
 
     def g(self, call: str, nodes: float) -> float:
         """µs of ``{g}`` shard CPU for one call at a fleet of ``nodes`` (a + b·N fitted
@@ -158,7 +167,7 @@ def predict(
         + directory * dir_commands
     )
     p.call_cpu = s * sum(costs.u(op, busy) * r for op, r in ops if r) / 1e6
-    p.publishes = s * (w.emit + 2 * w.message)
+    p.publishes = s * sum(costs.publishes(op) * r for op, r in ops if r)
     if not sharded_publish:
         p.bus_cpu = p.publishes * costs.bus.receiver_us * (shards - 1) / shards / 1e6
     p.shard_cpu = costs.background + p.call_cpu / shards + p.bus_cpu

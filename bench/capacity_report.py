@@ -399,10 +399,12 @@ def _units(results: Results, costs: Costs) -> list[str]:
         f"(nobody subscribed) reached each other shard {b.received:.2f} times each and cost "
         f"each of them {b.receiver_us:.1f} µs of main-thread CPU per message received (the "
         f"shard they were sent to: {b.sender_us:.1f} µs each, pipelined). `SPUBLISH` "
-        f"(sharded, Redis 7): {b.sharded_received:.2f} received by the others. Every emit "
-        "and every message publishes on Cluster (an emit announces its stream entry; a send "
-        "nudges the owner and announces the `message` event), so each costs every other "
-        "shard a bus message whoever listens.",
+        f"(sharded, Redis 7): {b.sharded_received:.2f} received by the others. fleet "
+        "announces stream entries with `SPUBLISH`, so an emit sends "
+        f"{costs.publishes('emit'):.2f} classic `PUBLISH`es; a message sends "
+        f"{costs.publishes('message'):.2f} (the nudge to its owner's node channel, which is "
+        "in no call's slot), and each of those costs every other shard a bus message, "
+        "whoever listens.",
     ]
 
 
@@ -646,7 +648,8 @@ def _summary(results: Results, costs: Costs, scales: dict[tuple[int, int], Scale
     lost = sum(sum(r.failover.ended_anywhere.values()) for r in results.deployed)
     moved = sum(r.failover.moved for r in results.deployed)
     w = Workload.tick(1.0)
-    sharded = shards_needed(costs, w, TARGET_NODES, TARGET_SESSIONS, BUDGET, sharded=True)
+    w = Workload(w.name, w.emit, w.checkpoint, w.report, w.message, LIFETIME)
+    today = shards_needed(costs, w, TARGET_NODES, TARGET_SESSIONS, BUDGET, sharded=False)
     n, m = max(scales)
     return (
         f"At {n} × {m:,} sessions (a tick every {results.tick:g} s): "
@@ -654,8 +657,8 @@ def _summary(results: Results, costs: Costs, scales: dict[tuple[int, int], Scale
         f"takes {share * 100:.0f}% of all commands. Per tick a session costs "
         f"{sum(costs.k(o) for o in ('emit', 'checkpoint', 'metrics report')):.0f} commands. "
         f"Model for 1,000,000 sessions ticking every second on 1,000 nodes: "
-        f"{sharded:,.0f} shards if publishes were sharded, none as they are (every "
-        f"`PUBLISH` reaches every shard); the `{{g}}` slot admits at most "
+        + (f"{today:,.0f} shards" if math.isfinite(today) else "no number of shards")
+        + " keep each below half a core; the `{g}` slot admits at most "
         f"{max_starts(costs, TARGET_NODES, BUDGET):,.0f} starts/s at 1,000 nodes. As "
         f"deployed (fleet's own Cluster client), a failover ended {lost:,} sessions of the "
         f"fleet ({moved:,} were moved)."
