@@ -72,6 +72,13 @@ class Admission(StoreBase):
                 "Redis lost its data moments ago: new sessions wait until every node has "
                 "written back its own (a second at most); retry shortly",
             )
+        if result is AdmitResult.ELSEWHERE:
+            # A retry of a start admitted already, whose slot moved since to a node that
+            # is no candidate: admitting it again would count it twice. The slot has no
+            # record and is freed like any stray (``Moves.settle_strays``).
+            raise NotAccepting(
+                "start_failed", "this start was admitted already and its slot moved; retry"
+            )
         if result is AdmitResult.NO_CAPACITY:
             where = f"runs worker {worker!r}" if worker else "can take it"
             raise AdmissionRejected(

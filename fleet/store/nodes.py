@@ -55,7 +55,8 @@ class Nodes(StoreBase):
         return cast(set[str], await self.redis.smembers(self.keys.node_sessions(node_id)))
 
     async def count_live_nodes(self) -> int:
-        return len(await self.scripts("expired_nodes", [self.keys.nodes()], [0, "live"]))
+        """How many nodes hold their lease, by Redis' clock (``ZCOUNT``: never a list)."""
+        return int(await self.scripts("expired_nodes", [self.keys.nodes()], [0, "count"]))
 
     async def live_nodes(self) -> list[NodeInfo]:
         """Nodes whose lease is held, by Redis' clock. Two round trips."""

@@ -28,6 +28,7 @@ class AdmitResult(enum.StrEnum):
     MAX_SESSIONS_PER_CALL = "max_sessions_per_call"
     MAX_SESSIONS = "max_sessions"
     NO_CAPACITY = "no_capacity"  # no candidate node that runs the worker has room
+    ELSEWHERE = "elsewhere"  # a retry whose slot a node that is no candidate holds now
 
 
 class EndResult(enum.IntEnum):

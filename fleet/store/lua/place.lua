@@ -15,16 +15,28 @@
 -- 'spread', the candidate with the most room (unlimited counts as most; then the fewest
 -- sessions; then the earliest in the list, so the node asked wins a tie).
 -- Returns {code, node_id}: code 'ok' (node_id is where the slot is), 'not_ready',
--- 'settling', 'max_sessions_per_call', 'max_sessions' or 'no_capacity'.
+-- 'settling', 'max_sessions_per_call', 'max_sessions', 'no_capacity' or 'elsewhere' (a
+-- retry whose slot a node that is no candidate holds now).
+-- Cost, in commands: 'local' with room on the node asked is O(1) (about ten, whatever the
+-- number of candidates). 'spread', and 'local' when the node asked is full, read three
+-- per candidate (ZSCORE, HMGET, SCARD): O(N) for N candidates. Making that O(1) would need
+-- a room index (a ZSET of room per node) kept by every script that moves a slot and by
+-- every change of a node's capacity, drain or workers: not done (see docs/redis.md).
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local n = #ARGV - 6
 
--- Already reserved: this is a retry of a call whose answer was lost. Count it once.
-for i = 1, n do
-  if redis.call('SISMEMBER', KEYS[3 + 2 * i], ARGV[1]) == 1 then
-    return {'ok', ARGV[6 + i]}
+-- Already reserved: this is a retry of a call whose answer was lost. Count it once. The
+-- live index holds every admitted ref, so a first call costs one lookup whatever the fleet's
+-- size; only a retry looks for the candidate that holds the slot.
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  for i = 1, n do
+    if redis.call('SISMEMBER', KEYS[3 + 2 * i], ARGV[1]) == 1 then
+      return {'ok', ARGV[6 + i]}
+    end
   end
+  -- Its slot moved to a node that is no candidate (reaped meanwhile): never admit it twice.
+  return {'elsewhere', ''}
 end
 -- Redis lost its data moments ago: the counts below are short of the sessions that nodes
 -- are still writing back. Admitting now could exceed a limit once they have.
