@@ -45,7 +45,7 @@ class Admission(StoreBase):
             order = [asked, *(c for c in candidates if c != asked)]
         else:  # the node asked cannot take it (it drains, say): the one with most room
             order, mode = [*candidates], "spread"
-        keys = [k.nodes(), k.call_counts(), k.live(), k.settling()]
+        keys = [k.nodes(), k.call_counts(), k.live(), k.settling(), k.node_loads()]
         for node_id in order:
             keys += [k.node_sessions(node_id), k.node_info(node_id)]
         code, chosen = await self.scripts(
@@ -94,8 +94,8 @@ class Admission(StoreBase):
         k = self.keys
         return (
             "release",
-            [k.node_sessions(node_id), k.call_counts(), k.live(), k.ended()],
-            [make_ref(call_id, session_id), call_id, self._tombstone_ms],
+            [k.node_sessions(node_id), k.call_counts(), k.live(), k.ended(), k.node_loads()],
+            [make_ref(call_id, session_id), call_id, self._tombstone_ms, node_id],
         )
 
     async def release(self, node_id: str, call_id: str, session_id: str) -> bool:
@@ -110,7 +110,7 @@ class Admission(StoreBase):
         return bool(
             await self.scripts(
                 "reassert",
-                [k.node_sessions(node_id), k.call_counts(), k.live()],
-                [make_ref(call_id, session_id), call_id, int(start * 1000)],
+                [k.node_sessions(node_id), k.call_counts(), k.live(), k.node_loads()],
+                [make_ref(call_id, session_id), call_id, int(start * 1000), node_id],
             )
         )

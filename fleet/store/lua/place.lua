@@ -4,7 +4,9 @@
 -- KEYS[2] call_counts     HASH call_id -> live sessions
 -- KEYS[3] live            ZSET ref -> start time (ms)
 -- KEYS[4] settling        STRING: until when (ms) admission waits after a data loss
--- KEYS[5..] per candidate, two keys: its node_sessions SET and its node_info HASH
+-- KEYS[5] node_loads      HASH node_id -> slots held (kept for readers; room is counted
+--                         from the SETs themselves)
+-- KEYS[6..] per candidate, two keys: its node_sessions SET and its node_info HASH
 -- ARGV[1] ref   ARGV[2] call_id
 -- ARGV[3] max_sessions_per_call   ARGV[4] max_sessions   (each -1 for unlimited)
 -- ARGV[5] worker name ('' = any)   ARGV[6] 'local' or 'spread'
@@ -21,7 +23,7 @@
 -- number of candidates). 'spread', and 'local' when the node asked is full, read three
 -- per candidate (ZSCORE, HMGET, SCARD): O(N) for N candidates. Making that O(1) would need
 -- a room index (a ZSET of room per node) kept by every script that moves a slot and by
--- every change of a node's capacity, drain or workers: not done (see docs/redis.md).
+-- every change of a node's capacity, drain or workers: not done (docs/architecture.md).
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local n = #ARGV - 6
@@ -31,7 +33,7 @@ local n = #ARGV - 6
 -- size; only a retry looks for the candidate that holds the slot.
 if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   for i = 1, n do
-    if redis.call('SISMEMBER', KEYS[3 + 2 * i], ARGV[1]) == 1 then
+    if redis.call('SISMEMBER', KEYS[4 + 2 * i], ARGV[1]) == 1 then
       return {'ok', ARGV[6 + i]}
     end
   end
@@ -58,10 +60,10 @@ for i = 1, n do
   local node_id = ARGV[6 + i]
   local lease = tonumber(redis.call('ZSCORE', KEYS[1], node_id))
   if lease and lease >= now then
-    local info = redis.call('HMGET', KEYS[4 + 2 * i], 'draining', 'workers', 'capacity')
+    local info = redis.call('HMGET', KEYS[5 + 2 * i], 'draining', 'workers', 'capacity')
     local runs = ARGV[5] == '' or string.find(',' .. (info[2] or '') .. ',', worker, 1, true)
     if info[1] ~= '1' and runs then
-      local count = redis.call('SCARD', KEYS[3 + 2 * i])
+      local count = redis.call('SCARD', KEYS[4 + 2 * i])
       local cap = tonumber(info[3])
       local room = math.huge
       if cap then
@@ -89,7 +91,8 @@ if not best then
   return {'no_capacity', ''}
 end
 
-redis.call('SADD', KEYS[3 + 2 * best], ARGV[1])
+redis.call('SADD', KEYS[4 + 2 * best], ARGV[1])
+redis.call('HINCRBY', KEYS[5], ARGV[6 + best], 1)
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 redis.call('ZADD', KEYS[3], now, ARGV[1])
 return {'ok', ARGV[6 + best]}
