@@ -40,28 +40,18 @@ class Admission(StoreBase):
         else the candidate with the most room that runs ``worker`` (``""``: any). Returns
         the node chosen; raises AdmissionRejected (``no_capacity`` when no candidate has
         room) or NotAccepting."""
-        k, s = self.keys, self._settings
         if asked in candidates:
             order = [asked, *(c for c in candidates if c != asked)]
         else:  # the node asked cannot take it (it drains, say): the one with most room
             order, mode = [*candidates], "spread"
-        keys = [k.nodes(), k.call_counts(), k.live(), k.settling(), k.node_loads()]
-        for node_id in order:
-            keys += [k.node_sessions(node_id), k.node_info(node_id)]
-        code, chosen = await self.scripts(
-            "place",
-            keys,
-            [
-                make_ref(call_id, session_id),
-                call_id,
-                limit_arg(s.max_sessions_per_call),
-                limit_arg(s.max_sessions),
-                worker,
-                mode,
-                *order,
-            ],
-        )
-        result = AdmitResult(code)
+        ref = make_ref(call_id, session_id)
+        result, chosen = AdmitResult.OTHERS, ""
+        if mode == "local" and len(order) > 1:
+            # The node asked alone first: a start it takes costs Redis the same whatever
+            # the fleet's size (arguments included); the others only when it cannot.
+            result, chosen = await self._place(ref, call_id, worker, [asked], "asked")
+        if result is AdmitResult.OTHERS:
+            result, chosen = await self._place(ref, call_id, worker, order, mode)
         if result is AdmitResult.OK:
             return str(chosen)
         if result is AdmitResult.NOT_READY:
@@ -85,6 +75,28 @@ class Admission(StoreBase):
                 result.value, f"no node that {where} has room for another session; retry later"
             )
         raise AdmissionRejected(result.value, _ADMIT_DETAIL[result])
+
+    async def _place(
+        self, ref: str, call_id: str, worker: str, order: list[str], mode: str
+    ) -> tuple[AdmitResult, str]:
+        k, s = self.keys, self._settings
+        keys = [k.nodes(), k.call_counts(), k.live(), k.settling(), k.node_loads()]
+        for node_id in order:
+            keys += [k.node_sessions(node_id), k.node_info(node_id)]
+        code, chosen = await self.scripts(
+            "place",
+            keys,
+            [
+                ref,
+                call_id,
+                limit_arg(s.max_sessions_per_call),
+                limit_arg(s.max_sessions),
+                worker,
+                mode,
+                *order,
+            ],
+        )
+        return AdmitResult(code), str(chosen)
 
     async def admit(self, node_id: str, call_id: str, session_id: str) -> None:
         """Check every limit and reserve a slot for the session on ``node_id`` itself."""

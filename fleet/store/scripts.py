@@ -29,6 +29,7 @@ class AdmitResult(enum.StrEnum):
     MAX_SESSIONS = "max_sessions"
     NO_CAPACITY = "no_capacity"  # no candidate node that runs the worker has room
     ELSEWHERE = "elsewhere"  # a retry whose slot a node that is no candidate holds now
+    OTHERS = "others"  # 'asked': the node asked cannot take it; name every candidate
 
 
 class EndResult(enum.IntEnum):

@@ -9,7 +9,9 @@
 -- KEYS[6..] per candidate, two keys: its node_sessions SET and its node_info HASH
 -- ARGV[1] ref   ARGV[2] call_id
 -- ARGV[3] max_sessions_per_call   ARGV[4] max_sessions   (each -1 for unlimited)
--- ARGV[5] worker name ('' = any)   ARGV[6] 'local' or 'spread'
+-- ARGV[5] worker name ('' = any)   ARGV[6] 'local', 'spread' or 'asked' (the node asked is
+--         the only candidate named: it takes the session if it can, else the answer is
+--         'others', for the caller to name them all)
 -- ARGV[7..] the candidates' node ids, in KEYS order; the node asked comes first
 -- A candidate can take the session when its lease is held, it is not draining, it runs
 -- the worker (node_info.workers, comma-separated) and it has room (node_info.capacity;
@@ -20,8 +22,9 @@
 -- 'settling', 'max_sessions_per_call', 'max_sessions', 'no_capacity' or 'elsewhere' (a
 -- retry whose slot a node that is no candidate holds now).
 -- Cost, in commands: 'local' with room on the node asked is O(1) (about ten, whatever the
--- number of candidates). 'spread', and 'local' when the node asked is full, read three
--- per candidate (ZSCORE, HMGET, SCARD): O(N) for N candidates. Making that O(1) would need
+-- number of candidates); 'asked' keeps the script's arguments O(1) too. 'spread', and
+-- 'local' when the node asked is full, read three per candidate (ZSCORE, HMGET, SCARD):
+-- O(N) for N candidates. Making that O(1) would need
 -- a room index (a ZSET of room per node) kept by every script that moves a slot and by
 -- every change of a node's capacity, drain or workers: not done (docs/architecture.md).
 local t = redis.call('TIME')
@@ -36,6 +39,9 @@ if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
     if redis.call('SISMEMBER', KEYS[4 + 2 * i], ARGV[1]) == 1 then
       return {'ok', ARGV[6 + i]}
     end
+  end
+  if ARGV[6] == 'asked' then
+    return {'others', ''}
   end
   -- Its slot moved to a node that is no candidate (reaped meanwhile): never admit it twice.
   return {'elsewhere', ''}
@@ -70,7 +76,7 @@ for i = 1, n do
         room = cap - count
       end
       if room > 0 then
-        if i == 1 and ARGV[6] == 'local' then
+        if i == 1 and ARGV[6] ~= 'spread' then
           best = i
           break
         end
@@ -82,6 +88,9 @@ for i = 1, n do
   end
 end
 if not best then
+  if ARGV[6] == 'asked' then
+    return {'others', ''}
+  end
   -- The node asked cannot be chosen because its own lease lapsed: say so, so that it
   -- answers 503 (retry another node) rather than 429 for a fleet it cannot see.
   local lease = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[7]))
