@@ -93,6 +93,7 @@ class Background:
                 k.call_counts(),
                 k.live(),
                 k.settling(),
+                k.node_loads(),
                 k.node_sessions(FAKE_NODE),
                 k.node_info(FAKE_NODE),
             ],

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -33,6 +35,15 @@ NO_WORKER_NODE = "no_node_runs_worker"
 
 # Dead-node sessions are reaped this many at a time: fast, without flooding Redis.
 REAP_CONCURRENCY = 128
+#: Maintenance intervals after a node is first seen dead before a survivor reaps the
+#: sessions that are other survivors' share: each survivor sees it within one interval.
+SHARE_WAIT = 2
+
+
+def share_of(ref: str, reapers: list[str]) -> str:
+    """The survivor whose share a dead node's session is: the same on every node that
+    lists the same survivors (sorted), spread evenly."""
+    return reapers[zlib.crc32(ref.encode()) % len(reapers)]
 
 
 class Targets:
@@ -96,6 +107,7 @@ class Moves:
         self._workers = workers
         self._adopt = adopt
         self._resuming: set[str] = set()
+        self._dead_since: dict[str, float] = {}  # dead node -> when this node saw it dead
         #: A test hook: awaited between a move's two steps (the slot has moved, the claim
         #: has not run), so a test can pause a mover exactly there.
         self.before_claim: Callable[[str], Awaitable[None]] | None = None
@@ -106,12 +118,24 @@ class Moves:
 
     # -- dead nodes ---------------------------------------------------------------------
     async def reap_dead_nodes(self) -> None:
+        """Take over the sessions of dead nodes: at first only this node's share of them
+        (``share_of``), then, once ``SHARE_WAIT`` maintenance intervals have passed since
+        this node saw the node dead, whatever is left (a survivor whose share it was died
+        too, or is slow). ``reap.lua`` stays the one judge of who moves a session; the
+        shares only keep survivors from all racing for every session."""
         dead_nodes = [d for d in await self.registry.expired_nodes() if d != self.node_id]
+        now = time.monotonic()
+        self._dead_since = {d: self._dead_since.get(d, now) for d in dead_nodes}
         if not dead_nodes:
             return
-        targets = Targets(await self.registry.live_nodes(), exclude=set(dead_nodes))
+        live = await self.registry.live_nodes()
+        targets = Targets(live, exclude=set(dead_nodes))
+        reapers = sorted({n.node_id for n in live} - set(dead_nodes) | {self.node_id})
+        wait = SHARE_WAIT * self.host.settings.maintenance_interval
         for dead in dead_nodes:
             refs = sorted(await self.registry.node_slots(dead))
+            if now - self._dead_since[dead] < wait:
+                refs = [ref for ref in refs if share_of(ref, reapers) == self.node_id]
             if refs:
                 log.warning(
                     "node %s is gone: taking over %d sessions",

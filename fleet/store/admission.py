@@ -40,28 +40,18 @@ class Admission(StoreBase):
         else the candidate with the most room that runs ``worker`` (``""``: any). Returns
         the node chosen; raises AdmissionRejected (``no_capacity`` when no candidate has
         room) or NotAccepting."""
-        k, s = self.keys, self._settings
         if asked in candidates:
             order = [asked, *(c for c in candidates if c != asked)]
         else:  # the node asked cannot take it (it drains, say): the one with most room
             order, mode = [*candidates], "spread"
-        keys = [k.nodes(), k.call_counts(), k.live(), k.settling()]
-        for node_id in order:
-            keys += [k.node_sessions(node_id), k.node_info(node_id)]
-        code, chosen = await self.scripts(
-            "place",
-            keys,
-            [
-                make_ref(call_id, session_id),
-                call_id,
-                limit_arg(s.max_sessions_per_call),
-                limit_arg(s.max_sessions),
-                worker,
-                mode,
-                *order,
-            ],
-        )
-        result = AdmitResult(code)
+        ref = make_ref(call_id, session_id)
+        result, chosen = AdmitResult.OTHERS, ""
+        if mode == "local" and len(order) > 1:
+            # The node asked alone first: a start it takes costs Redis the same whatever
+            # the fleet's size (arguments included); the others only when it cannot.
+            result, chosen = await self._place(ref, call_id, worker, [asked], "asked")
+        if result is AdmitResult.OTHERS:
+            result, chosen = await self._place(ref, call_id, worker, order, mode)
         if result is AdmitResult.OK:
             return str(chosen)
         if result is AdmitResult.NOT_READY:
@@ -72,12 +62,41 @@ class Admission(StoreBase):
                 "Redis lost its data moments ago: new sessions wait until every node has "
                 "written back its own (a second at most); retry shortly",
             )
+        if result is AdmitResult.ELSEWHERE:
+            # A retry of a start admitted already, whose slot moved since to a node that
+            # is no candidate: admitting it again would count it twice. The slot has no
+            # record and is freed like any stray (``Moves.settle_strays``).
+            raise NotAccepting(
+                "start_failed", "this start was admitted already and its slot moved; retry"
+            )
         if result is AdmitResult.NO_CAPACITY:
             where = f"runs worker {worker!r}" if worker else "can take it"
             raise AdmissionRejected(
                 result.value, f"no node that {where} has room for another session; retry later"
             )
         raise AdmissionRejected(result.value, _ADMIT_DETAIL[result])
+
+    async def _place(
+        self, ref: str, call_id: str, worker: str, order: list[str], mode: str
+    ) -> tuple[AdmitResult, str]:
+        k, s = self.keys, self._settings
+        keys = [k.nodes(), k.call_counts(), k.live(), k.settling(), k.node_loads()]
+        for node_id in order:
+            keys += [k.node_sessions(node_id), k.node_info(node_id)]
+        code, chosen = await self.scripts(
+            "place",
+            keys,
+            [
+                ref,
+                call_id,
+                limit_arg(s.max_sessions_per_call),
+                limit_arg(s.max_sessions),
+                worker,
+                mode,
+                *order,
+            ],
+        )
+        return AdmitResult(code), str(chosen)
 
     async def admit(self, node_id: str, call_id: str, session_id: str) -> None:
         """Check every limit and reserve a slot for the session on ``node_id`` itself."""
@@ -87,8 +106,8 @@ class Admission(StoreBase):
         k = self.keys
         return (
             "release",
-            [k.node_sessions(node_id), k.call_counts(), k.live(), k.ended()],
-            [make_ref(call_id, session_id), call_id, self._tombstone_ms],
+            [k.node_sessions(node_id), k.call_counts(), k.live(), k.ended(), k.node_loads()],
+            [make_ref(call_id, session_id), call_id, self._tombstone_ms, node_id],
         )
 
     async def release(self, node_id: str, call_id: str, session_id: str) -> bool:
@@ -103,7 +122,7 @@ class Admission(StoreBase):
         return bool(
             await self.scripts(
                 "reassert",
-                [k.node_sessions(node_id), k.call_counts(), k.live()],
-                [make_ref(call_id, session_id), call_id, int(start * 1000)],
+                [k.node_sessions(node_id), k.call_counts(), k.live(), k.node_loads()],
+                [make_ref(call_id, session_id), call_id, int(start * 1000), node_id],
             )
         )

@@ -61,6 +61,18 @@ class Keys:
         """SET of refs a node holds an admission slot for: the per-node index."""
         return f"{self._global}:node-sessions:{node_id}"
 
+    def node_directory(self) -> str:
+        """HASH node_id -> what the node reported at its last renewal, as
+        ``<renewal time (ms)> <JSON>``: written by the renewal, so that the live-node
+        directory is one read, whatever the fleet's size (``Nodes.live_nodes``)."""
+        return f"{self._global}:node-directory"
+
+    def node_loads(self) -> str:
+        """HASH node_id -> how many slots the node holds (its node_sessions SET's size),
+        kept by every script that adds, moves or removes a slot and set again from the SET
+        at each renewal. For reading only: admission counts the SET itself."""
+        return f"{self._global}:node-loads"
+
     def workers(self) -> str:
         """HASH worker name -> what ``GET /workers`` shows of it (JSON), written by the
         nodes that run it, so that any node can describe workers it does not run."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -20,17 +21,27 @@ class Nodes(StoreBase):
     async def heartbeat(
         self, node_id: str, info: dict[str, str], *, held_before: bool = False
     ) -> HeartbeatStatus:
-        """Renew the lease. ``held_before``: this node held one already, so a Redis that
-        forgot the fleet lost its data: admission then waits one lease (``place.lua``)."""
+        """Renew the lease. ``info`` is all the node reports (the directory keeps the latest
+        whole). ``held_before``: this node held one already, so a Redis that forgot the
+        fleet lost its data: admission then waits one lease (``place.lua``)."""
         k = self.keys
         fields = [x for pair in info.items() for x in pair]
         status, _ = await self.scripts(
             "heartbeat",
-            [k.nodes(), k.node_info(node_id), k.settling(), k.born()],
+            [
+                k.nodes(),
+                k.node_info(node_id),
+                k.settling(),
+                k.born(),
+                k.node_directory(),
+                k.node_loads(),
+                k.node_sessions(node_id),
+            ],
             [
                 node_id,
                 int(self._settings.node_ttl * 1000),
                 "1" if held_before else "0",
+                json.dumps(info, separators=(",", ":")),
                 *fields,
             ],
         )
@@ -55,38 +66,47 @@ class Nodes(StoreBase):
         return cast(set[str], await self.redis.smembers(self.keys.node_sessions(node_id)))
 
     async def count_live_nodes(self) -> int:
-        return len(await self.scripts("expired_nodes", [self.keys.nodes()], [0, "live"]))
+        """How many nodes hold their lease, by Redis' clock (``ZCOUNT``: never a list)."""
+        return int(await self.scripts("expired_nodes", [self.keys.nodes()], [0, "count"]))
 
     async def live_nodes(self) -> list[NodeInfo]:
-        """Nodes whose lease is held, by Redis' clock. Two round trips."""
+        """Nodes whose lease is held, by Redis' clock: two round trips of two commands
+        each, whatever the fleet's size (the directory and load hashes the renewals and
+        the slot scripts keep). A node whose renewal does not write the directory yet (an
+        older version, in a rolling upgrade) is read from its own hash and SET."""
         k = self.keys
         now_s, now_us = await self.redis.time()
         now_ms = now_s * 1000 + now_us // 1000
         ids = cast(list[str], await self.redis.zrangebyscore(k.nodes(), now_ms, "+inf"))
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(k.node_directory(), ids)
+        pipe.hmget(k.node_loads(), ids)
+        entries, loads = await pipe.execute()
+        found: dict[str, tuple[dict[str, str], int, int]] = {}
+        for node_id, entry, load in zip(ids, entries, loads, strict=True):
+            if entry is not None:
+                renewed, _, described = entry.partition(" ")
+                found[node_id] = (json.loads(described), int(renewed), max(0, int(load or 0)))
+        older = [node_id for node_id in ids if node_id not in found]
+        if older:
+            found.update(await self._described_apart(older))
+        return [_node_info(node_id, *found[node_id]) for node_id in ids if node_id in found]
+
+    async def _described_apart(self, ids: list[str]) -> dict[str, tuple[dict[str, str], int, int]]:
+        """Nodes read from their own hash and SET (two commands each)."""
+        k = self.keys
         pipe = self.redis.pipeline(transaction=False)
         for node_id in ids:
             pipe.hgetall(k.node_info(node_id))
             pipe.scard(k.node_sessions(node_id))
         raw = await pipe.execute()
-        nodes = []
-        for node_id, info, count in zip(ids, raw[::2], raw[1::2], strict=True):
-            if not info:
-                continue
-            capacity = info.get("capacity", "")
-            nodes.append(
-                NodeInfo(
-                    node_id=node_id,
-                    host=info.get("host", ""),
-                    started_at=float(info.get("started_at", "0")),
-                    last_heartbeat=int(info.get("last_heartbeat_ms", "0")) / 1000,
-                    sessions=int(count),
-                    capacity=int(capacity) if capacity else None,
-                    draining=info.get("draining") == "1",
-                    version=info.get("version", ""),
-                    workers=[w for w in info.get("workers", "").split(",") if w],
-                )
-            )
-        return nodes
+        return {
+            node_id: (info, int(info.get("last_heartbeat_ms", "0")), int(count))
+            for node_id, info, count in zip(ids, raw[::2], raw[1::2], strict=True)
+            if info
+        }
 
     async def publish_workers(self, described: Mapping[str, str]) -> None:
         """Describe the workers this node runs (name -> JSON), for ``GET /workers``."""
@@ -117,6 +137,7 @@ class Nodes(StoreBase):
                 k.call_counts(),
                 k.live(),
                 k.ended(),
+                k.node_loads(),
             ],
             [dead, ref, call_id, target, limit_arg(target_capacity), self._tombstone_ms],
         )
@@ -128,8 +149,8 @@ class Nodes(StoreBase):
         k = self.keys
         result = await self.scripts(
             "handoff",
-            [k.nodes(), k.node_sessions(node_id), k.node_sessions(target)],
-            [ref, target, limit_arg(capacity)],
+            [k.nodes(), k.node_sessions(node_id), k.node_sessions(target), k.node_loads()],
+            [ref, target, limit_arg(capacity), node_id],
         )
         return HandoffResult(result)
 
@@ -138,7 +159,13 @@ class Nodes(StoreBase):
         return bool(
             await self.scripts(
                 "forget_node",
-                [k.nodes(), k.node_sessions(node_id), k.node_info(node_id)],
+                [
+                    k.nodes(),
+                    k.node_sessions(node_id),
+                    k.node_info(node_id),
+                    k.node_directory(),
+                    k.node_loads(),
+                ],
                 [node_id],
             )
         )
@@ -152,5 +179,22 @@ class Nodes(StoreBase):
         pipe = self.redis.pipeline(transaction=False)
         pipe.zrem(k.nodes(), node_id)
         pipe.delete(k.node_info(node_id))
+        pipe.hdel(k.node_directory(), node_id)
+        pipe.hdel(k.node_loads(), node_id)
         await pipe.execute()
         return True
+
+
+def _node_info(node_id: str, info: dict[str, str], renewed_ms: int, sessions: int) -> NodeInfo:
+    capacity = info.get("capacity", "")
+    return NodeInfo(
+        node_id=node_id,
+        host=info.get("host", ""),
+        started_at=float(info.get("started_at", "0")),
+        last_heartbeat=renewed_ms / 1000,
+        sessions=sessions,
+        capacity=int(capacity) if capacity else None,
+        draining=info.get("draining") == "1",
+        version=info.get("version", ""),
+        workers=[w for w in info.get("workers", "").split(",") if w],
+    )

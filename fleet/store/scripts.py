@@ -28,6 +28,8 @@ class AdmitResult(enum.StrEnum):
     MAX_SESSIONS_PER_CALL = "max_sessions_per_call"
     MAX_SESSIONS = "max_sessions"
     NO_CAPACITY = "no_capacity"  # no candidate node that runs the worker has room
+    ELSEWHERE = "elsewhere"  # a retry whose slot a node that is no candidate holds now
+    OTHERS = "others"  # 'asked': the node asked cannot take it; name every candidate
 
 
 class EndResult(enum.IntEnum):

@@ -1,5 +1,6 @@
 -- forget_node: drop a dead node from the registry once it holds no sessions.
 -- KEYS[1] nodes   KEYS[2] node_sessions   KEYS[3] node_info
+-- KEYS[4] node_directory   KEYS[5] node_loads
 -- ARGV[1] node_id
 -- Returns 1 when forgotten, 0 when it is alive again or still holds sessions.
 local t = redis.call('TIME')
@@ -10,4 +11,6 @@ if (lease and lease >= now) or redis.call('SCARD', KEYS[2]) > 0 then
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[3])
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
 return 1

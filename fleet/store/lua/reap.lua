@@ -2,7 +2,7 @@
 -- KEYS[1] nodes                  ZSET node_id -> lease expiry (ms)
 -- KEYS[2] dead node_sessions     SET
 -- KEYS[3] target node_sessions   SET (the dead node's own set when there is no target)
--- KEYS[4] call_counts   KEYS[5] live   KEYS[6] ended
+-- KEYS[4] call_counts   KEYS[5] live   KEYS[6] ended   KEYS[7] node_loads
 -- ARGV[1] dead node_id   ARGV[2] ref   ARGV[3] call_id
 -- ARGV[4] target node_id ('' = none: the session is released)
 -- ARGV[5] target capacity (-1 = unlimited)   ARGV[6] tombstone TTL (ms)
@@ -26,10 +26,13 @@ if ARGV[4] ~= '' then
     return 'no_room'
   end
   redis.call('SMOVE', KEYS[2], KEYS[3], ARGV[2])
+  redis.call('HINCRBY', KEYS[7], ARGV[1], -1)
+  redis.call('HINCRBY', KEYS[7], ARGV[4], 1)
   return 'moved'
 end
 
 redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[7], ARGV[1], -1)
 if redis.call('HINCRBY', KEYS[4], ARGV[3], -1) <= 0 then
   redis.call('HDEL', KEYS[4], ARGV[3])
 end
