@@ -28,12 +28,9 @@ from dataclasses import dataclass
 
 from bench.capacity_units import Bus, GlobalCall, Unit
 
-#: What each node sends per lease renewal and per maintenance pass (commands, scripts'
-#: insides included): heartbeat.lua runs 7 commands; a pass reads its close requests
-#: ({n:<node>}) and its slot count, and runs expired_nodes.lua and the live-node count
-#: (3 each).
-HEARTBEAT_COMMANDS = 8
-PASS_COMMANDS = 8
+#: A maintenance pass: its close requests (one read on the node's own {n:<node>} slot) and
+#: these calls on {g}, whose commands (scripts' insides included) are measured with them.
+CLOSE_INDEX_COMMANDS = 1
 PASS_CALLS = (
     "maintenance: slot count (SCARD)",
     "maintenance: expired nodes",
@@ -41,7 +38,7 @@ PASS_CALLS = (
 )
 MEASURED_SHARDS = 3  # the unit costs' Cluster: a classic PUBLISH reaches the 2 others
 CREATE_COMMANDS = 5  # create_session.lua: the call slot's part of a start
-END_COMMANDS = 22  # end_session.lua and release.lua (round_trips: 26 with the close itself)
+END_SESSION_COMMANDS = 14  # end_session.lua: the call slot's part of an end (then release)
 
 
 @dataclass(frozen=True)
@@ -150,21 +147,21 @@ def predict(
     s = float(sessions)
     ops = (("emit", w.emit), ("checkpoint", w.checkpoint), ("metrics report", w.report),
            ("message", w.message))  # fmt: skip
-    per_node = HEARTBEAT_COMMANDS * 3 / ttl + PASS_COMMANDS / interval
+    g_per_node = (
+        costs.g_commands("lease renewal (heartbeat)", nodes) * 3 / ttl
+        + sum(costs.g_commands(c, nodes) for c in PASS_CALLS) / interval
+    )
     starts = s / w.lifetime if math.isfinite(w.lifetime) else 0.0
     place = costs.g_commands("admission with placement (place)", nodes)
+    release = costs.g_commands("release a slot", nodes)
     directory = nodes * min(1.0, starts / nodes) if starts else 0.0
     dir_commands = costs.g_commands("live-node directory read", nodes)
+    p.g_commands = nodes * g_per_node + starts * (place + release) + directory * dir_commands
     p.commands = (
         s * sum(costs.k(op) * r for op, r in ops if r)
-        + nodes * per_node
-        + starts * (place + CREATE_COMMANDS + END_COMMANDS)
-        + directory * dir_commands
-    )
-    p.g_commands = (
-        nodes * (HEARTBEAT_COMMANDS * 3 / ttl + (PASS_COMMANDS - 1) / interval)
-        + starts * (place + 8)
-        + directory * dir_commands
+        + nodes * CLOSE_INDEX_COMMANDS / interval
+        + starts * (CREATE_COMMANDS + END_SESSION_COMMANDS)
+        + p.g_commands
     )
     p.call_cpu = s * sum(costs.u(op, busy) * r for op, r in ops if r) / 1e6
     p.publishes = s * sum(costs.publishes(op) * r for op, r in ops if r)
