@@ -52,8 +52,24 @@ class Admission(StoreBase):
             result, chosen = await self._place(ref, call_id, worker, [asked], "asked")
         if result is AdmitResult.OTHERS:
             result, chosen = await self._place(ref, call_id, worker, order, mode)
+        return self._outcome(result, chosen, worker)
+
+    async def place_here(
+        self, node_id: str, call_id: str, session_id: str, worker: str
+    ) -> str | None:
+        """``local`` placement's first step, for a caller that has not read the fleet's
+        list yet: reserve the slot on ``node_id`` if it can take the session (returns
+        ``node_id``), else None (then ``place`` with the candidates, as ``spread``).
+        Raises as ``place`` does for a limit reached."""
+        ref = make_ref(call_id, session_id)
+        result, chosen = await self._place(ref, call_id, worker, [node_id], "asked")
+        return None if result is AdmitResult.OTHERS else self._outcome(result, chosen, worker)
+
+    @staticmethod
+    def _outcome(result: AdmitResult, chosen: str, worker: str) -> str:
+        """The node chosen, or the error a refusal is."""
         if result is AdmitResult.OK:
-            return str(chosen)
+            return chosen
         if result is AdmitResult.NOT_READY:
             raise NotAccepting("not_ready", "this node's lease is not held; retry another node")
         if result is AdmitResult.SETTLING:
