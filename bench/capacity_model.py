@@ -9,7 +9,10 @@ on K shards:
     shard CPU   = b + S·(u_e·r_e + u_c·r_c + u_r·r_r + u_m·r_m) / K      (call slots)
                 + P·u_bus·(K − 1)/K, P = S·(p_e·r_e + … + p_m·r_m)      (cluster bus)
     {g} shard  += N·(u_hb·3/TTL + u_pass(N)/I) + λ·(u_place(N) + u_release)
-                + D·u_dir(N), D = directory reads/s = N·min(1, λ/N)
+                + D·u_dir(N)
+    local placement (the default) with room where a start lands: u_place is O(1), D = 0;
+    spread (or nodes full): u_place(N) reads every candidate, D = N·min(1, λ/N) (each
+    starting node reads the list of nodes at most once a second)
 
 ``k`` are commands per operation, ``u`` shard CPU per operation (µs), ``p`` the classic
 ``PUBLISH``es per operation (measured: what the other shards of the 3-shard Cluster
@@ -31,6 +34,10 @@ from bench.capacity_units import Bus, GlobalCall, Unit
 #: A maintenance pass: its close requests (one read on the node's own {n:<node>} slot) and
 #: these calls on {g}, whose commands (scripts' insides included) are measured with them.
 CLOSE_INDEX_COMMANDS = 1
+PLACE = {
+    False: "admission with placement (place)",
+    True: "admission, spread over the fleet (place)",
+}
 PASS_CALLS = (
     "maintenance: slot count (SCARD)",
     "maintenance: expired nodes",
@@ -141,8 +148,11 @@ def predict(
     interval: float = 5.0,
     sharded_publish: bool = False,
     busy: bool = False,
+    spread: bool = False,
 ) -> Prediction:
-    """What the model says for one fleet (see the module's doc)."""
+    """What the model says for one fleet (see the module's doc); ``spread``: starts are
+    placed by room over the fleet (``FLEET_PLACEMENT=spread``, or the nodes asked are
+    full), not where they land."""
     p = Prediction()
     s = float(sessions)
     ops = (("emit", w.emit), ("checkpoint", w.checkpoint), ("metrics report", w.report),
@@ -152,9 +162,9 @@ def predict(
         + sum(costs.g_commands(c, nodes) for c in PASS_CALLS) / interval
     )
     starts = s / w.lifetime if math.isfinite(w.lifetime) else 0.0
-    place = costs.g_commands("admission with placement (place)", nodes)
+    place = costs.g_commands(PLACE[spread], nodes)
     release = costs.g_commands("release a slot", nodes)
-    directory = nodes * min(1.0, starts / nodes) if starts else 0.0
+    directory = nodes * min(1.0, starts / nodes) if starts and spread else 0.0
     dir_commands = costs.g_commands("live-node directory read", nodes)
     p.g_commands = nodes * g_per_node + starts * (place + release) + directory * dir_commands
     p.commands = (
@@ -172,9 +182,7 @@ def predict(
     one_pass = sum(costs.g(c, nodes) for c in PASS_CALLS)
     p.g_nodes_cpu = nodes * (heartbeat * 3 / ttl + one_pass / interval) / 1e6
     p.g_starts_cpu = (
-        starts
-        * (costs.g("admission with placement (place)", nodes) + costs.g("release a slot", nodes))
-        / 1e6
+        starts * (costs.g(PLACE[spread], nodes) + costs.g("release a slot", nodes)) / 1e6
     )
     p.g_directory_cpu = directory * costs.g("live-node directory read", nodes) / 1e6
     return p
@@ -194,13 +202,15 @@ def shards_needed(
     return math.inf
 
 
-def max_starts(costs: Costs, nodes: int, budget: float, ttl: float = 10.0) -> float:
+def max_starts(
+    costs: Costs, nodes: int, budget: float, ttl: float = 10.0, *, spread: bool = False
+) -> float:
     """Starts a second the ``{g}`` slot can take within ``budget`` cores at ``nodes`` nodes,
-    counting its leases and passes, admission and release per start, and the live-node
-    directory each node that starts sessions reads (at most once a second)."""
+    counting its leases and passes, admission and release per start and, with ``spread``,
+    the list of nodes each node that starts sessions reads (at most once a second)."""
     base = predict(costs, Workload("idle", 0, 0, 0, 0), nodes, 0, 3, ttl=ttl).g_nodes_cpu
-    each = costs.g("admission with placement (place)", nodes) + costs.g("release a slot", nodes)
-    read = costs.g("live-node directory read", nodes)
+    each = costs.g(PLACE[spread], nodes) + costs.g("release a slot", nodes)
+    read = costs.g("live-node directory read", nodes) if spread else 0.0
 
     def load(rate: float) -> float:
         return base + (rate * each + min(float(nodes), rate) * read) / 1e6

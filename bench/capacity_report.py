@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 from bench import capacity_scale, capacity_units, common
 from bench.capacity_model import (
     CREATE_COMMANDS,
+    PLACE,
     Costs,
+    Prediction,
     Workload,
     max_nodes,
     max_starts,
@@ -446,10 +448,8 @@ def _model_vs(results: Results, costs: Costs, scales: dict[tuple[int, int], Scal
         hot = predict(costs, w, nodes, sessions, 3, ttl=s.first.ttl, busy=True)
         g_share = p.g_commands / p.commands if p.commands else math.nan
         rate = s.each(lambda r: r.start_rate).median
-        start_cmd = (
-            costs.g_commands("admission with placement (place)", nodes) + CREATE_COMMANDS
-            + nodes * costs.g_commands("live-node directory read", nodes) / (rate or math.nan)
-        )  # fmt: skip
+        # Each node starts sessions on itself, with room: local placement reads no list.
+        start_cmd = costs.g_commands("admission with placement (place)", nodes) + CREATE_COMMANDS
         # While MONITOR watches (the second half's first seconds) about half the sessions
         # run already: their ticks, and the nodes' own background, share the window.
         ticks = (
@@ -462,9 +462,7 @@ def _model_vs(results: Results, costs: Costs, scales: dict[tuple[int, int], Scal
         background = predict(costs, idle, nodes, 0, 3, ttl=s.first.ttl).commands
         start_g = (start_cmd - CREATE_COMMANDS) * rate
         start_share = start_g / (start_cmd * rate + ticks + background)
-        start_cpu = costs.g("admission with placement (place)", nodes) + nodes * costs.g(
-            "live-node directory read", nodes
-        ) / (rate or math.nan)
+        start_cpu = costs.g("admission with placement (place)", nodes)
         rows += [
             [f"{nodes} × {per_node:,}", "steady commands/s", f"{p.commands:,.0f}",
              s.steady(lambda r, w: w.commands).fmt("", 0)],
@@ -476,7 +474,7 @@ def _model_vs(results: Results, costs: Costs, scales: dict[tuple[int, int], Scal
              _pct(s.steady(lambda r, w: w.shards[r.g_shard].cpu))],
             ["", "steady `{g}` share of commands", f"{g_share * 100:.1f}%",
              _pct(s.each(lambda r: _share(r.steady_sorted, "g")))],
-            ["", "commands per start (place, create, directory)", f"{start_cmd:,.1f}",
+            ["", "commands per start (place, create)", f"{start_cmd:,.1f}",
              s.each(lambda r: _start_only(r, costs, results.tick)).fmt("", 1)],
             ["", "`{g}` share of commands during a mass start", f"{start_share:.1%}",
              _pct(s.each(lambda r: _share(r.start_sorted, "g")))],
@@ -517,21 +515,19 @@ def _predict(costs: Costs) -> list[str]:
     for seconds in (1.0, 10.0):
         w = Workload.tick(seconds)
         w = Workload(w.name, w.emit, w.checkpoint, w.report, w.message, LIFETIME)
-        p = predict(costs, w, n, s, 3, busy=True)
-        classic = shards_needed(costs, w, n, s, BUDGET, sharded=False)
-        sharded = shards_needed(costs, w, n, s, BUDGET, sharded=True)
-        at_sharded = predict(costs, w, n, s, int(sharded) if math.isfinite(sharded) else 3,
-                             sharded_publish=True, busy=True)  # fmt: skip
+        today = shards_needed(costs, w, n, s, BUDGET, sharded=False)
+        k = int(today) if math.isfinite(today) else 3
+        p = predict(costs, w, n, s, k, busy=True)
+        spread = predict(costs, w, n, s, k, busy=True, spread=True)
         rows.append([
             f"a tick every {seconds:g} s", f"{p.commands / 1e6:,.2f} M",
-            f"{p.call_cpu:,.1f}", f"{p.publishes / 1e3:,.0f} k",
-            f"{p.bus_cpu:,.2f} (at 3 shards)",
-            "none suffices" if math.isinf(classic) else f"{classic:,.0f}",
-            f"{sharded:,.0f}" if math.isfinite(sharded) else "none",
-            f"{at_sharded.g_nodes_cpu:.2f} + {at_sharded.g_starts_cpu:.2f} + "
-            f"{at_sharded.g_directory_cpu:.2f} = {at_sharded.g_cpu:.2f}",
+            f"{p.call_cpu:,.1f}", f"{p.publishes / 1e3:,.1f} k",
+            f"{p.bus_cpu:,.3f}",
+            "none suffices" if math.isinf(today) else f"{today:,.0f}",
+            _g_cores(p), _g_cores(spread),
         ])  # fmt: skip
-    most = max_starts(costs, n, BUDGET)
+    local = max_starts(costs, n, BUDGET)
+    spread_most = max_starts(costs, n, BUDGET, spread=True)
     node_tick = sum(costs.ops[op].node_cpu_us for op in ("emit", "checkpoint"))
     node_tick += costs.ops["metrics report"].node_cpu_us / 5
     return [
@@ -541,7 +537,8 @@ def _predict(costs: Costs) -> list[str]:
         f"{s / LIFETIME:,.0f} starts and as many ends a second), fleet defaults "
         "(`FLEET_NODE_TTL` 10, passes every 5 s). Shards are sized so that no main thread "
         f"is busier than {BUDGET * 100:.0f}%, leaving room for mass starts and failovers, at "
-        "busy-shard costs. **Extrapolated**: per-operation costs are this machine's, "
+        "busy-shard costs; the bus column is what the remaining classic `PUBLISH`es cost "
+        "each of those shards. **Extrapolated**: per-operation costs are this machine's, "
         "measured on one 3-shard Cluster; the `{g}` calls were measured at 1,000 nodes.",
         "",
         *common.table(
@@ -549,30 +546,33 @@ def _predict(costs: Costs) -> list[str]:
                 "workload",
                 "commands/s",
                 "shard CPU, sessions' work (cores)",
-                "PUBLISH/s",
+                "classic PUBLISH/s",
                 "bus CPU per shard (cores)",
-                "shards, as fleet publishes today",
-                "shards, with sharded publish",
-                "`{g}`: nodes + starts + directory (cores)",
+                "shards needed",
+                "`{g}`: nodes + starts + list reads (cores), local",
+                "the same, spread",
             ],
             rows,
         ),  # fmt: skip
         "",
-        f"The `{{g}}` slot at {n:,} nodes takes at most **{most:,.0f} starts/s** within "
-        f"{BUDGET * 100:.0f}% of its shard's thread, with every node reading its directory "
-        f"once a second (a start costs "
-        f"{costs.g('admission with placement (place)', n):,.0f} µs there, a directory read "
-        f"{costs.g('live-node directory read', n):,.0f} µs): "
-        f"{s / max(most, 1e-9) / 60:,.0f} minutes to start {s:,} sessions, and "
-        f"{s / LIFETIME:,.0f} starts/s of churn is "
-        f"{(s / LIFETIME) / max(most, 1e-9):,.1f}× what it can take. With no starts at "
-        "all, the nodes' leases and passes alone would fill that budget at about "
-        f"{max_nodes(costs, BUDGET):,.0f} nodes (each pass counts the live nodes by "
-        "listing them: N² a second fleet-wide; fitted beyond 1,000). Node side: a tick "
-        f"costs the node about {node_tick:,.0f} µs of CPU (emit, checkpoint, a fifth of a "
-        f"report), so {s // n:,} sessions ticking every second keep "
+        f"The `{{g}}` slot at {n:,} nodes takes at most **{local:,.0f} starts/s** within "
+        f"{BUDGET * 100:.0f}% of its shard's thread with local placement and room where "
+        f"starts land (a start costs {costs.g(PLACE[False], n):,.0f} µs there), "
+        f"{s / max(local, 1e-9) / 60:,.1f} minutes to start {s:,} sessions; "
+        f"{s / LIFETIME:,.0f} starts/s of churn is {(s / LIFETIME) / max(local, 1e-9):.2f}× "
+        f"that. Spread over the fleet it takes **{spread_most:,.0f} starts/s** (a start "
+        f"costs {costs.g(PLACE[True], n):,.0f} µs, and every node that starts sessions reads "
+        f"the list of nodes once a second, {costs.g('live-node directory read', n):,.0f} µs "
+        "each). With no starts at all, the nodes' leases and passes alone would fill that "
+        f"budget at about {max_nodes(costs, BUDGET):,.0f} nodes (fitted beyond 1,000). Node "
+        f"side: a tick costs the node about {node_tick:,.0f} µs of CPU (emit, checkpoint, a "
+        f"fifth of a report), so {s // n:,} sessions ticking every second keep "
         f"{node_tick * (s // n) / 1e6:.2f} cores of a node busy.",
     ]
+
+
+def _g_cores(p: Prediction) -> str:
+    return f"{p.g_nodes_cpu:.2f} + {p.g_starts_cpu:.2f} + {p.g_directory_cpu:.2f} = {p.g_cpu:.2f}"
 
 
 def _deployed(results: Results) -> list[str]:

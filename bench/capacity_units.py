@@ -302,6 +302,8 @@ async def _calls(registry: Any, stats: Any, nodes: list[str]) -> dict[str, Globa
         ("admission with placement (place)", 5 * few,
          lambda i: registry.place(nodes[0], f"p{i}", "s", "counter", live)),
         ("release a slot", 5 * few, lambda i: registry.release(nodes[0], f"p{i}", "s")),
+        ("admission, spread over the fleet (place)", few,
+         lambda i: registry.place(nodes[0], f"q{i}", "s", "counter", live, "spread")),
     ]  # fmt: skip
     out: dict[str, GlobalCall] = {}
     for name, count, call in plan:
