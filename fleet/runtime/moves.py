@@ -24,6 +24,7 @@ from fleet.errors import CannotMigrate, SessionEnded, SessionNotFound
 from fleet.models import EndReason, NodeInfo, SessionRecord, State
 from fleet.runtime.control import Message
 from fleet.runtime.session import LocalSession, SessionHost
+from fleet.store import REDIS_ERRORS
 from fleet.store.keys import make_ref, split_ref
 from fleet.store.scripts import FENCED, TAKEN, HandoffResult, ReapResult
 from fleet.worker import WorkerSet
@@ -44,6 +45,20 @@ def share_of(ref: str, reapers: list[str]) -> str:
     """The survivor whose share a dead node's session is: the same on every node that
     lists the same survivors (sorted), spread evenly."""
     return reapers[zlib.crc32(ref.encode()) % len(reapers)]
+
+
+def _reap_missed(dead: str, missed: list[BaseException], node_id: str) -> None:
+    """Re-raise a bug; log the Redis errors, whose sessions the next pass takes over."""
+    for exc in missed:
+        if not isinstance(exc, REDIS_ERRORS):
+            raise exc
+    log.warning(
+        "node %s: %d sessions not taken over this pass (%s); the next pass retries",
+        dead,
+        len(missed),
+        type(missed[0]).__name__,
+        extra={"node_id": node_id},
+    )
 
 
 class Targets:
@@ -144,10 +159,20 @@ class Moves:
                     extra={"node_id": self.node_id},
                 )
             # In chunks: at most REAP_CONCURRENCY at a time, and never one task per
-            # session of a node that held thousands.
+            # session of a node that held thousands. A session whose move met a Redis
+            # error stays where it is (its slot on the dead node, or on its target for
+            # the target to claim): the next pass takes it; the others go on.
+            missed: list[BaseException] = []
             for first in range(0, len(refs), REAP_CONCURRENCY):
                 chunk = refs[first : first + REAP_CONCURRENCY]
-                await asyncio.gather(*(self._reap_session(dead, ref, targets) for ref in chunk))
+                done = await asyncio.gather(
+                    *(self._reap_session(dead, ref, targets) for ref in chunk),
+                    return_exceptions=True,
+                )
+                missed += [x for x in done if isinstance(x, BaseException)]
+            if missed:
+                _reap_missed(dead, missed, self.node_id)
+                continue
             if await self.registry.forget_node(dead):
                 log.warning(
                     "node %s removed from the registry", dead, extra={"node_id": self.node_id}

@@ -373,10 +373,22 @@ class Node:
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a fire-and-forget coroutine that is cancelled with the node."""
-        task = asyncio.create_task(coro)
+        task = asyncio.create_task(coro, name=getattr(coro, "__qualname__", None))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._spawned_ended)
         return task
+
+    def _spawned_ended(self, task: asyncio.Task[Any]) -> None:
+        """Log why a background task failed (what it was doing is left to the maintenance
+        pass), rather than leave asyncio to say "Task exception was never retrieved"."""
+        self._background.discard(task)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        extra = {"node_id": self.node_id}
+        if isinstance(exc, REDIS_ERRORS):
+            log.warning("%s failed: %s", task.get_name(), type(exc).__name__, extra=extra)
+        else:
+            log.error("%s failed", task.get_name(), exc_info=exc, extra=extra)
 
     # -- control channel ----------------------------------------------------------------
     async def _on_subscribed(self) -> None:

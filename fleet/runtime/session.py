@@ -127,10 +127,12 @@ class LocalSession:
             thread_id=record.thread_id,
         )
         # Until the worker starts: its state (``running``, or how it failed). A new session's
-        # record is written running before it is made, so it has none to wait for.
-        self.running: asyncio.Future[str] | None = (
-            None if running else asyncio.get_running_loop().create_future()
-        )
+        # record is written running before it is made, so it has none to wait for. Nothing
+        # has to wait for it: its exception counts as seen (or asyncio logs each one).
+        self.running: asyncio.Future[str] | None = None
+        if not running:
+            self.running = asyncio.get_running_loop().create_future()
+            self.running.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.done = asyncio.Event()
         self.final: SessionRecord | None = None
         self.last_activity = time.monotonic()
@@ -426,9 +428,12 @@ class LocalSession:
         return payload
 
     async def _mark_running(self, running: asyncio.Future[str]) -> None:
+        # Through outages, like the worker's writes: a Redis hiccup as a moved session
+        # resumes must not fail it (a retry after a lost answer may repeat the event).
         event = "session_resumed" if self.ctx.resumed else "session_started"
-        state = await self.host.registry.mark_running(
-            self.record, event, {"node_id": self.host.node_id, "epoch": self.record.epoch}
+        data = {"node_id": self.host.node_id, "epoch": self.record.epoch}
+        state = await self._through_outages(
+            lambda: self.host.registry.mark_running(self.record, event, data)
         )
         if state == "lease_lost":
             self._moved = True

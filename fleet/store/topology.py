@@ -6,10 +6,12 @@
   master. ``?sentinel_password=…`` (and ``sentinel_username``) when the sentinels
   themselves require auth; the user and password in front are the master's.
 * ``redis+cluster://[[user]:password@]host:port[,host:port…]`` (``rediss+cluster://``
-  for TLS): any reachable nodes of a Redis Cluster; the client discovers the rest.
+  for TLS): any reachable nodes of a Redis Cluster; the client discovers the rest. Its
+  pools wait for a free connection when full (``fleet.store.cluster_pool``).
 
 Both take ``socket_timeout`` and ``socket_connect_timeout`` as query options, and the TLS
-forms the same ``ssl_*`` options as ``rediss://`` (see docs/redis.md).
+forms the same ``ssl_*`` options as ``rediss://`` (see docs/redis.md); Cluster also takes
+``max_connections`` (per shard, 100 by default).
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from redis.asyncio import Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel
 
 from fleet.errors import ConfigError
 from fleet.store import command_retry
+from fleet.store.cluster_pool import waiting_cluster
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -42,6 +44,7 @@ TLS_OPTIONS = frozenset(
     }
 )
 _SENTINEL_OPTIONS = ("sentinel_password", "sentinel_username")
+_CLUSTER_OPTIONS = ("max_connections",)
 
 
 def is_topology_url(url: str) -> bool:
@@ -59,11 +62,11 @@ def _hosts(netloc: str, scheme: str) -> list[tuple[str, int]]:
 
 
 def _options(url: str, timeout: float) -> tuple[dict[str, Any], dict[str, str]]:
-    """Connection options common to both forms, and the sentinel-only ones."""
+    """Connection options common to both forms, and the ones of one form only."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    known = (*_FLOAT_OPTIONS, *TLS_OPTIONS, *_SENTINEL_OPTIONS)
+    known = (*_FLOAT_OPTIONS, *TLS_OPTIONS, *_SENTINEL_OPTIONS, *_CLUSTER_OPTIONS)
     unknown = sorted(set(query) - set(known))
     if unknown:
         raise ConfigError(f"FLEET_REDIS_URL: unknown option(s) {', '.join(unknown)}")
@@ -94,22 +97,28 @@ def _options(url: str, timeout: float) -> tuple[dict[str, Any], dict[str, str]]:
             options[name] = value
     if tls:
         options["ssl"] = True
-    sentinel = {k: query[k] for k in _SENTINEL_OPTIONS if k in query}
-    return options, sentinel
+    own = {k: query[k] for k in (*_SENTINEL_OPTIONS, *_CLUSTER_OPTIONS) if k in query}
+    return options, own
 
 
 def connect_topology(url: str, timeout: float) -> Redis:
     """A client for a Sentinel- or Cluster-form URL."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    options, sentinel_options = _options(url, timeout)
+    options, own = _options(url, timeout)
+    sentinel_options = {k: v for k, v in own.items() if k in _SENTINEL_OPTIONS}
     hosts = _hosts(parts.netloc, scheme)
     if scheme in CLUSTER_SCHEMES:
         if sentinel_options:
             raise ConfigError("FLEET_REDIS_URL: sentinel options on a cluster URL")
-        nodes = [ClusterNode(host, port) for host, port in hosts]
-        cluster: Redis = RedisCluster(startup_nodes=nodes, **options)  # type: ignore[assignment]
+        if "max_connections" in own:
+            if not own["max_connections"].isdigit() or int(own["max_connections"]) < 1:
+                raise ConfigError("FLEET_REDIS_URL: max_connections must be a positive integer")
+            options["max_connections"] = int(own["max_connections"])
+        cluster: Redis = waiting_cluster(hosts, **options)  # type: ignore[assignment]
         return cluster
+    if len(sentinel_options) != len(own):
+        raise ConfigError("FLEET_REDIS_URL: max_connections is an option of cluster URLs")
     path = [p for p in parts.path.split("/") if p]
     if not path:
         raise ConfigError("FLEET_REDIS_URL: redis+sentinel:// needs /service_name")

@@ -352,3 +352,50 @@ async def test_cluster_listener_follows_a_moved_slot() -> None:
             assert ended["end_reason"] == "completed", ended
     finally:
         cluster.stop()
+
+
+class SmallPools:
+    """A Cluster whose URL gives each node only ``pool`` connections per shard."""
+
+    def __init__(self, cluster: LocalCluster, pool: int) -> None:
+        self.cluster = cluster
+        self.pool = pool
+
+    @property
+    def url(self) -> str:
+        return f"{self.cluster.url}?max_connections={self.pool}"
+
+    def start(self) -> SmallPools:
+        self.cluster.start()
+        return self
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+def test_cluster_failover_with_small_pools_ends_no_session() -> None:
+    """A node holding 60 sessions is killed; the two others take them over while their
+    pools hold only 4 connections per shard (the reapers send dozens of calls to the
+    ``{g}`` shard at once): every session resumes, none ends."""
+    topo = SmallPools(LocalCluster(), pool=4)
+    try:
+        topo.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        with LocalFleet(3, redis=topo, FLEET_NODE_TTL="2") as fleet:
+            victim = fleet.nodes[0]
+            calls = [f"c{i}" for i in range(60)]
+            sids = [
+                fleet.start(call, node=victim, params={"interval": 0.2})["session_id"]
+                for call in calls
+            ]
+            victim.signal(signal.SIGKILL)
+            victim.wait(5)
+            for call, sid in zip(calls, sids, strict=True):
+                info = fleet.wait_session(call, sid, timeout=20, state="running", epoch=2)
+                assert info["node_id"] != victim.name
+            ended = fleet.request("GET", "/sessions", params={"state": "ended"}).json()
+            assert ended["sessions"] == []
+    finally:
+        topo.stop()

@@ -5,8 +5,12 @@ take the slot away from it (which left a session ``running`` on record that no n
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from fleet.runtime.node import Node
 from fleet.store.keys import make_ref
@@ -86,3 +90,46 @@ async def test_a_slot_whose_record_names_this_node_is_resumed_in_one_pass(
         assert await node.registry.claim(ref, "ghost", "a-node", "lost") == 2
         await node.maintain()
         await eventually(lambda: _runs(node, ref), timeout=5)
+
+
+async def test_redis_errors_while_taking_over_fail_no_session(
+    make_settings: SettingsFactory, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead node's sessions meet Redis errors as they are taken over: one while its
+    record is read (it waits for the next pass, the others go on), two as it resumes
+    (retried). Each resumes, none ends."""
+    settings = make_settings(node_id="a-node", node_ttl=10.0, maintenance_interval=3600.0)
+    async with running_node(settings, redis) as node:
+        await wait_ready(node)
+        sids = ["s0", "s1", "s2"]
+        await _ghost(make_settings(node_ttl=1.0), redis, sids, resumable=True)
+        await asyncio.sleep(1.2)  # the ghost's lease lapses
+        failures = {"get": 1, "mark_running": 2}
+
+        def failing(name: str, original: Callable[..., Awaitable[Any]]) -> Any:
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                if failures[name] and (name != "get" or args[1] == "s1"):
+                    failures[name] -= 1
+                    raise RedisConnectionError("a hiccup")
+                return await original(*args, **kwargs)
+
+            return call
+
+        for name in failures:
+            monkeypatch.setattr(node.registry, name, failing(name, getattr(node.registry, name)))
+        await node.maintain()
+        refs = [make_ref("c", sid) for sid in sids]
+        await eventually(lambda: _runs(node, refs[0]), timeout=5)
+        await eventually(lambda: _runs(node, refs[2]), timeout=5)
+        assert refs[1] in await node.registry.node_slots("ghost")  # left for the next pass
+        await node.maintain()
+        await eventually(lambda: _runs(node, refs[1]), timeout=5)
+
+        async def resumed(sid: str) -> bool:
+            record = await node.registry.get("c", sid)
+            assert record is not None and record.state != "ended"
+            return record.state == "running" and record.epoch == 2
+
+        for sid in sids:
+            await eventually(lambda sid=sid: resumed(sid), timeout=5)  # type: ignore[misc]
+        assert failures == {"get": 0, "mark_running": 0}
