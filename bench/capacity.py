@@ -9,16 +9,16 @@ processes of at most 10 (``bench/capacity_fleet.py``). Per run:
   costs the other shards over the cluster bus; fleet's ``{g}`` calls (leases, passes,
   admission, the directory, reaping) against the registry of 10, 100 and 1,000 nodes;
 * a burst of 128 commands (fleet's ``REAP_CONCURRENCY``) to one shard through fleet's own
-  Cluster client, and through one whose pools hold 1,000 connections per shard;
+  Cluster client (100 connections per shard, which wait when all are busy), and through
+  one whose pools hold 1,000;
 * **as deployed** (fleet's own client, ``FLEET_NODE_TTL=10``): 10 nodes × 500 sessions,
   SIGKILL of 5, and what became of the sessions;
 * the **scales** (``bench/capacity_scale.py``): 10, 25 and 50 nodes × 1,000 sessions that
   emit, checkpoint and change their metrics every ``TICK`` seconds: idle nodes, a mass start,
   steady state, and SIGKILL of 10 nodes (5 of 10 at the smallest scale). These run with
-  1,000 connections per shard and ``FLEET_NODE_TTL=30``: with fleet's own client a failover
-  on Cluster loses sessions (the as-deployed part shows it), and this 2-core machine runs
-  every node of the fleet, so a node's event loop lags seconds behind while the fleet
-  reaps, which a 10 s lease does not survive.
+  fleet's own client and ``FLEET_NODE_TTL=30``: this 2-core machine runs every node of the
+  fleet, so while the fleet reaps, a node's event loop can lag seconds behind, which a
+  10 s lease does not always survive (the as-deployed part runs the default 10 s).
 
 ``--quick``: 4 and 10 nodes × 250 sessions, shorter windows, one run.
 """
@@ -46,7 +46,7 @@ SCALES = ((10, 1000), (25, 1000), (50, 1000))
 QUICK_SCALES = ((4, 250), (10, 250))
 TICK = 120.0
 QUICK_TICK = 30.0
-POOL = 1000  # connections per shard per node in the scale runs
+WIDE_POOL = 1000  # connections per shard of the client pool_check compares fleet's with
 TTL = 30.0  # FLEET_NODE_TTL in the scale runs
 DEPLOYED = (10, 500)
 QUICK_DEPLOYED = (4, 250)
@@ -112,14 +112,16 @@ def run(opts: common.Options) -> common.Report:
             results.busy.append(capacity_units.busy_units())
             results.bus.append(capacity_units.bus())
             results.global_calls.append(capacity_units.global_slot())
-            results.pools.append((capacity_units.pool_check(0), capacity_units.pool_check(POOL)))
+            results.pools.append(
+                (capacity_units.pool_check(0), capacity_units.pool_check(WIDE_POOL))
+            )
             common.progress(f"run {r + 1}/{runs}: as deployed, {deployed[0]} × {deployed[1]}")
             results.deployed.append(
                 measure(*deployed, results.tick, f"r{r + 1} deployed", only_failover=True)
             )
             for nodes, per_node in results.scales:
                 tag = f"r{r + 1} {nodes}x{per_node}"
-                one = measure(nodes, per_node, results.tick, tag, pool=POOL, ttl=TTL)
+                one = measure(nodes, per_node, results.tick, tag, ttl=TTL)
                 results.runs.setdefault((nodes, per_node), []).append(one)
                 keep.write_bytes(pickle.dumps(results))
     return report(TITLE, results, runs, load_before, time.monotonic() - began)
