@@ -183,7 +183,8 @@ class Moves:
 
     async def _reap_session(self, dead: str, ref: str, targets: Targets) -> None:
         record = await self.registry.get(*split_ref(ref))
-        movable = record is not None and record.resumable and not record.close_reason
+        ended = record is not None and record.state == State.ENDED
+        movable = record is not None and not ended and record.resumable and not record.close_reason
         worker = self._worker_of(record) if record is not None else ""
         while movable and (choice := targets.take(worker)) is not None:
             target, capacity = choice
@@ -197,25 +198,27 @@ class Moves:
             else:
                 targets.give_back(target)
             return  # moved, or ALIVE / GONE: nothing more to do here
-        result = await self.registry.reap(dead, ref)
-        if result is not ReapResult.RELEASED:
-            return
-        error = ""
-        if movable and not targets.runs(worker):
-            error = NO_WORKER_NODE
-            log.error(
-                "no live node runs worker %r: the session cannot resume",
-                worker,
-                extra=self._extra(ref),
-            )
-        if record is not None and record.node_id == dead:
+        # No node takes it: it ends. The record first, then the slot, so that a Redis error
+        # between the two leaves the slot on the dead node for the next pass to come back
+        # to; the other way round, the record would stay running with no slot to find it by.
+        # (Its lease lapsed: should it renew now, it drops every session it ran, this one too.)
+        if record is not None and record.node_id == dead and not ended:
+            error = ""
+            if movable and not targets.runs(worker):
+                error = NO_WORKER_NODE
+                log.error(
+                    "no live node runs worker %r: the session cannot resume",
+                    worker,
+                    extra=self._extra(ref),
+                )
             # A close was asked for and the owner died first: the session is closed.
             reason = EndReason.CLOSED if record.close_reason else EndReason.NODE_LOST
             await self.registry.end(
                 record, reason.value, error=error, owner=dead, any_epoch=True, release_from=""
             )
-        metrics.FAILOVERS.labels("lost").inc()
-        log.warning("session lost with node %s", dead, extra=self._extra(ref))
+        if await self.registry.reap(dead, ref) is ReapResult.RELEASED:
+            metrics.FAILOVERS.labels("lost").inc()
+            log.warning("session lost with node %s", dead, extra=self._extra(ref))
 
     async def _claim(self, ref: str, previous: str, target: str) -> bool:
         """The second step of a move. When the session ended meanwhile the slot that moved

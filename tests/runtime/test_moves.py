@@ -133,3 +133,44 @@ async def test_redis_errors_while_taking_over_fail_no_session(
         for sid in sids:
             await eventually(lambda sid=sid: resumed(sid), timeout=5)  # type: ignore[misc]
         assert failures == {"get": 0, "mark_running": 0}
+
+
+async def test_a_redis_error_as_a_lost_session_ends_leaves_it_for_the_next_pass(
+    make_settings: SettingsFactory, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead node's session that no node can take ends there: its record is written
+    ended, then its slot released. A Redis error at the first step leaves the slot on the
+    dead node, so the next pass ends it; nothing stays "running" with no slot to find it
+    by (released first, that is what a failed end left behind)."""
+    settings = make_settings(node_id="a-node", node_ttl=10.0, maintenance_interval=3600.0)
+    async with running_node(settings, redis) as node:
+        await wait_ready(node)
+        sids = ["s0", "s1", "s2"]
+        await _ghost(make_settings(node_ttl=1.0), redis, sids, resumable=False)
+        await asyncio.sleep(1.2)  # the ghost's lease lapses
+        failures = 1
+        end = node.registry.end
+
+        async def failing_end(record: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal failures
+            if failures and record.session_id == "s1":
+                failures -= 1
+                raise RedisConnectionError("a hiccup")
+            return await end(record, *args, **kwargs)
+
+        monkeypatch.setattr(node.registry, "end", failing_end)
+        await node.maintain()
+        assert failures == 0
+        for sid in ("s0", "s2"):
+            assert await _ended_as(node, sid) == "node_lost"
+        assert await _ended_as(node, "s1") is None  # still running on record...
+        assert make_ref("c", "s1") in await node.registry.node_slots("ghost")  # ...and found
+        await node.maintain()
+        assert await _ended_as(node, "s1") == "node_lost"
+        assert await node.registry.node_slots("ghost") == set()
+
+
+async def _ended_as(node: Node, sid: str) -> str | None:
+    record = await node.registry.get("c", sid)
+    assert record is not None
+    return record.end_reason if record.state == "ended" else None
