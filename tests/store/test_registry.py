@@ -301,6 +301,7 @@ async def test_concurrent_reapers_take_each_session_once(
     assert results.count(ReapResult.RELEASED) == 20
     assert results.count(ReapResult.GONE) == 40
     assert await reg.forget_node("dead")
+    assert not await reg.forget_node("dead")  # forgotten once: a second survivor is told so
     assert await reg.expired_nodes() == []
     assert await redis.hgetall(reg.keys.call_counts()) == {}
 
