@@ -429,15 +429,15 @@ def _global(costs: Costs) -> list[str]:
         "",
         *common.table(["call", *(f"N = {n:,}" for n in sizes)], rows),
         "",
-        "Admission (`place`) is given every live node that runs the worker as a candidate "
-        "and first looks for the session's ref in each candidate's slot set (`SISMEMBER`: "
-        "is this a retry of a start whose answer was lost?), N commands whatever the "
-        "placement then chooses (with `FLEET_PLACEMENT=local` and room on the node asked, "
-        "it looks no further than that node): O(N) per start. The directory a starting "
-        "node reads (at most once a second) is `HGETALL` + `SCARD` of every live node: O(N) "
-        "per read, and every node that starts sessions reads it. Counting live nodes each "
-        "pass returns the whole list (`ZRANGEBYSCORE`) to count it. Lease renewal, a pass's "
-        "other reads and reaping one session cost the same at any N.",
+        "A start placed where it lands (`FLEET_PLACEMENT=local`, the node asked has room) "
+        "names that node alone and reads no list of nodes: the same commands at any N. A "
+        "start spread over the fleet (`spread`, or the node asked is full) names every "
+        "live node that runs the worker and reads three commands for each (lease, "
+        "drain/workers/capacity, slot count): O(N); so does the list of live nodes such a "
+        "start reads (at most once a second per node), in four commands whose answer "
+        "holds one entry per node. Lease renewal, a maintenance pass (the live nodes are "
+        "counted with `ZCOUNT`), releasing a slot and reaping one session cost the same at "
+        "any N.",
     ]
 
 
