@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -12,11 +13,29 @@ from pathlib import Path
 INSTALL_HINT = "apt-get install -y redis-server"
 
 
+#: Ports handed out for servers lie below the kernel's ephemeral range (32768-60999 on
+#: Linux), from which every outgoing connection takes its local port: a port picked there
+#: could be taken by one of the thousands of client connections a benchmark opens before
+#: the server binds it ("did not start").
+PORTS = range(20000, 32768)
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A loopback port that nothing listens on now, and that this process has not handed
+    out before (two servers started together never get the same one)."""
+    for _ in range(1000):
+        port = random.choice(PORTS)
+        if port in _given:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
         return port
+    raise RuntimeError("no free loopback port")
 
 
 class RedisServer:
