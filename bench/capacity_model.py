@@ -107,13 +107,19 @@ class Costs:
         points = [(float(n), c[call].cpu_us) for n, c in self.global_calls.items() if call in c]
         if any(n == nodes for n, _ in points):
             return next(v for n, v in points if n == nodes)
-        a, b = fit(points)
-        return a + b * nodes
+        return _extrapolate(points, nodes)
 
     def g_commands(self, call: str, nodes: float) -> float:
         points = [(float(n), c[call].commands) for n, c in self.global_calls.items() if call in c]
-        a, b = fit(points)
-        return a + b * nodes
+        return _extrapolate(points, nodes)
+
+
+def _extrapolate(points: Sequence[tuple[float, float]], x: float) -> float:
+    """a + b·x through the points, never below the least of them: a call whose cost does not
+    grow with the fleet measures flat with noise, and a slightly falling fit taken far
+    beyond the sizes measured would make it free, then negative."""
+    a, b = fit(points)
+    return max(a + b * x, min((y for _, y in points), default=math.nan))
 
 
 @dataclass

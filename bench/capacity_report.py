@@ -393,9 +393,10 @@ def _units(results: Results, costs: Costs) -> list[str]:
             rows,
         ),  # fmt: skip
         "",
-        "A shard that is mostly idle pays for each command's wakeup (here about 140 µs of "
-        "main-thread CPU: the same checkpoint costs 163 µs at 170 calls a second, 21 µs back "
-        "to back and 10 µs pipelined); a busy shard shares it among many. The fleets "
+        "A shard that is mostly idle pays for each command's wakeup, which a busy shard "
+        "shares among many (the two CPU columns; when this benchmark was written, one "
+        "checkpoint measured 163 µs at 170 calls a second, 21 µs back to back and 10 µs "
+        "pipelined). The fleets "
         "measured here ran at the fleet's pace; a shard planned to be half busy is nearer "
         "the busy figures, which the prediction uses.",
         "",
@@ -566,7 +567,8 @@ def _predict(costs: Costs) -> list[str]:
         f"costs {costs.g(PLACE[True], n):,.0f} µs, and every node that starts sessions reads "
         f"the list of nodes once a second, {costs.g('live-node directory read', n):,.0f} µs "
         "each). With no starts at all, the nodes' leases and passes alone would fill that "
-        f"budget at about {max_nodes(costs, BUDGET):,.0f} nodes (fitted beyond 1,000). Node "
+        f"budget at about {max_nodes(costs, BUDGET):,.0f} nodes (extrapolated from 10, 100 "
+        "and 1,000). Node "
         f"side: a tick costs the node about {node_tick:,.0f} µs of CPU (emit, checkpoint, a "
         f"fifth of a report), so {s // n:,} sessions ticking every second keep "
         f"{node_tick * (s // n) / 1e6:.2f} cores of a node busy.",
