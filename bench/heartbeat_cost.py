@@ -371,7 +371,8 @@ class _Table:
 
     def main(self) -> list[str]:
         rows = [
-            self.row("**lease renewal** (heartbeat script calls)", lambda w: w.sent[LEASE]),
+            self.row("**lease renewal** (the heartbeat script, then `INFO` for the run id)",
+                     lambda w: w.sent[LEASE]),
             self.row("…commands the heartbeat script runs inside Redis",
                      lambda w: w.inside[LEASE]),
             self.row("connection health checks (`PING`)", lambda w: w.sent[HEALTH]),
@@ -558,7 +559,7 @@ def _report(
             "loop is held up."
         )
     summary = (
-        f"Lease renewal: {renew_small.fmt(digits=1)} calls/min at {small:,} sessions, "
+        f"Lease renewal: {renew_small.fmt(digits=1)} commands/min at {small:,} sessions, "
         f"{renew_large.fmt(digits=1)} at {large:,} ({common.verdict(same)}). A maintenance "
         f"pass sends {per_pass[large].fmt(digits=1)} commands at {large:,} sessions "
         f"({per_pass[small].fmt(digits=1)} at {small:,}; target ≤ {TARGET_COMMANDS}: "
