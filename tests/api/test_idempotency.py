@@ -86,14 +86,16 @@ async def test_a_key_belongs_to_its_call(client: httpx.AsyncClient) -> None:
 
 
 def slow_admission(node: Node, seconds: float) -> None:
-    """Admission takes ``seconds`` longer: the start that holds the key holds it that long."""
-    place = node.registry.place
+    """Admission takes ``seconds`` longer: the start that holds the key holds it that long.
+    (A node takes its own starts with ``place_here``; ``place`` is for the others.)"""
+    for name in ("place_here", "place"):
+        original = getattr(node.registry, name)
 
-    async def slow_place(*args: Any, **kwargs: Any) -> str:
-        await asyncio.sleep(seconds)
-        return await place(*args, **kwargs)
+        async def slow(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            await asyncio.sleep(seconds)
+            return await _original(*args, **kwargs)
 
-    node.registry.place = slow_place  # type: ignore[method-assign]
+        setattr(node.registry, name, slow)
 
 
 async def test_concurrent_repeats_start_one_session(
