@@ -150,7 +150,7 @@ class AnnouncedDispatcher(EventDispatcher):
                 if key is not None:
                     self._due.add(key)
                     self._wakeup.set()
-        except ERRORS as exc:
+        except Exception as exc:  # Redis' or not, the reader reconnects (see _run)
             self._failure = exc
             self._wakeup.set()
 

@@ -197,12 +197,17 @@ class EventDispatcher:
             try:
                 await self._read()
                 backoff = RETRY_MIN
-            except self.read_errors as exc:
-                log.warning(
-                    "event dispatcher lost Redis (%s); reconnecting in %.2fs",
-                    type(exc).__name__,
-                    backoff,
-                )
+            except Exception as exc:
+                # Anything but cancellation reconnects: a reader that died would leave
+                # every listener of this node waiting for good.
+                if isinstance(exc, self.read_errors):
+                    log.warning(
+                        "event dispatcher lost Redis (%s); reconnecting in %.2fs",
+                        type(exc).__name__,
+                        backoff,
+                    )
+                else:
+                    log.exception("event dispatcher failed; reconnecting in %.2fs", backoff)
                 await self._drop_connection()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX)

@@ -90,10 +90,20 @@ class ControlListener:
                     if message is None:
                         log.warning("ignored a malformed control message")
                         continue
-                    self._handler(message)
-            except (RedisError, OSError) as exc:
+                    try:
+                        self._handler(message)
+                    except Exception:  # one message's bug must not deafen the node
+                        log.exception("control message %r failed", message.op)
+            except Exception as exc:
+                # A Redis error, or anything else the client raises: either way, subscribe
+                # again. A listener that died would leave the node deaf (closes wait for
+                # the maintenance pass) and, unsubscribed, not ready for good.
+                if isinstance(exc, (RedisError, OSError)):
+                    if self.subscribed:
+                        log.warning("control channel lost (%s); resubscribing", type(exc).__name__)
+                else:
+                    log.exception("control listener failed; resubscribing")
                 if self.subscribed:
-                    log.warning("control channel lost (%s); resubscribing", type(exc).__name__)
                     self._on_lost()
                 self.subscribed = False
                 await asyncio.sleep(backoff)
