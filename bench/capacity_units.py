@@ -300,7 +300,7 @@ async def _calls(registry: Any, stats: Any, nodes: list[str]) -> dict[str, Globa
         ("maintenance: count live nodes", 10 * few, lambda i: registry.count_live_nodes()),
         ("live-node directory read", few, lambda i: registry.live_nodes()),
         ("admission with placement (place)", 5 * few,
-         lambda i: registry.place(nodes[0], f"p{i}", "s", "counter", live)),
+         lambda i: registry.place_here(nodes[0], f"p{i}", "s", "counter")),
         ("release a slot", 5 * few, lambda i: registry.release(nodes[0], f"p{i}", "s")),
         ("admission, spread over the fleet (place)", few,
          lambda i: registry.place(nodes[0], f"q{i}", "s", "counter", live, "spread")),

@@ -39,19 +39,14 @@ class Admission(StoreBase):
         in one step (``place.lua``): ``asked`` if it can take it (``mode`` ``local``),
         else the candidate with the most room that runs ``worker`` (``""``: any). Returns
         the node chosen; raises AdmissionRejected (``no_capacity`` when no candidate has
-        room) or NotAccepting."""
+        room) or NotAccepting. A node placing its own start asks ``place_here`` first,
+        which costs the same whatever the fleet's size; this call reads every candidate."""
         if asked in candidates:
             order = [asked, *(c for c in candidates if c != asked)]
         else:  # the node asked cannot take it (it drains, say): the one with most room
             order, mode = [*candidates], "spread"
         ref = make_ref(call_id, session_id)
-        result, chosen = AdmitResult.OTHERS, ""
-        if mode == "local" and len(order) > 1:
-            # The node asked alone first: a start it takes costs Redis the same whatever
-            # the fleet's size (arguments included); the others only when it cannot.
-            result, chosen = await self._place(ref, call_id, worker, [asked], "asked")
-        if result is AdmitResult.OTHERS:
-            result, chosen = await self._place(ref, call_id, worker, order, mode)
+        result, chosen = await self._place(ref, call_id, worker, order, mode)
         return self._outcome(result, chosen, worker)
 
     async def place_here(

@@ -53,9 +53,9 @@ async def test_a_local_start_costs_the_same_whatever_the_fleet_size(
     for size in (3, 300):
         reg = await registry(redis, make_settings, key_prefix=f"{make_settings().key_prefix}{size}")
         nodes = await fleet_of(reg, size)
-        await reg.place(nodes[0], "c", "warm", "counter", nodes)  # scripts loaded, keys there
+        await reg.place_here(nodes[0], "c", "warm", "counter")  # scripts loaded, keys there
         before = await commandstats(redis)
-        assert await reg.place(nodes[0], "c", "s1", "counter", nodes) == nodes[0]
+        assert await reg.place_here(nodes[0], "c", "s1", "counter") == nodes[0]
         cost[size] = spent(before, await commandstats(redis))
     assert cost[3] == cost[300], cost
     assert sum(cost[300].values()) <= 15, cost[300]
