@@ -172,25 +172,15 @@ async def begin(
             thread_id=body.thread_id,
             worker=body.worker,
         )
-    if body.thread_id is None:  # what node.threads.start does then, one call sooner
-        record = await node.start_session(
-            call_id,
-            body.call_type,
-            body.params,
-            principal=principal,
-            resumable=body.resumable,
-            worker=body.worker,
-        )
-    else:
-        record = await node.threads.start(
-            call_id,
-            body.call_type,
-            body.params,
-            principal=principal,
-            resumable=body.resumable,
-            worker=body.worker,
-            thread_id=body.thread_id,
-        )
+    record = await node.threads.start(  # with no thread_id, a plain start
+        call_id,
+        body.call_type,
+        body.params,
+        principal=principal,
+        resumable=body.resumable,
+        worker=body.worker,
+        thread_id=body.thread_id,
+    )
     return record.info()
 
 
