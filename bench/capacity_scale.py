@@ -248,25 +248,11 @@ class Mark:
 
 
 def _cluster() -> Any:
-    """A fresh 3-master Cluster, once every master says it is whole (``LocalCluster``
-    waits for the first one only; a client that meets a master still joining gets
-    ``CLUSTERDOWN``)."""
+    """A fresh 3-master Cluster, every master of it whole (``LocalCluster.start``)."""
     common._harness()  # the repository root on sys.path
-    import redis
-
     from tests.topologies import LocalCluster
 
-    cluster = LocalCluster().start()
-    deadline = time.monotonic() + 20
-    for server in cluster.servers:
-        client: Any = redis.Redis(port=server.port, decode_responses=True)
-        while "cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
-            if time.monotonic() > deadline:
-                cluster.stop()
-                raise RuntimeError("the cluster did not come up")
-            time.sleep(0.1)
-        client.close()
-    return cluster
+    return LocalCluster().start()
 
 
 def measure(

@@ -58,19 +58,27 @@ class LocalCluster:
         return f"redis+cluster://{seeds}"
 
     def start(self) -> LocalCluster:
-        for server in self.servers:
-            server.start()
-        cli = _need("redis-cli", "redis-tools")
-        addresses = [f"127.0.0.1:{s.port}" for s in self.servers]
-        subprocess.run(
-            [cli, "--cluster", "create", *addresses, "--cluster-yes"],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while "cluster_state:ok" not in _ask(self.servers[0].port, "cluster", "info"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the cluster did not come up")
-            time.sleep(0.1)
+        """Start the masters and make them one Cluster; return once every master says it
+        is whole (a client that meets one still joining gets ``CLUSTERDOWN``). Should
+        anything fail on the way, the servers started are stopped again."""
+        try:
+            for server in self.servers:
+                server.start()
+            cli = _need("redis-cli", "redis-tools")
+            addresses = [f"127.0.0.1:{s.port}" for s in self.servers]
+            subprocess.run(
+                [cli, "--cluster", "create", *addresses, "--cluster-yes"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+            deadline = time.monotonic() + 20
+            for server in self.servers:
+                while "cluster_state:ok" not in _ask(server.port, "cluster", "info"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the cluster did not come up")
+                    time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
