@@ -5,7 +5,8 @@ take the slot away from it (which left a session ``running`` on record that no n
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -16,6 +17,20 @@ from fleet.runtime.node import Node
 from fleet.store.keys import make_ref
 from tests.conftest import SettingsFactory, running_node, wait_ready
 from tests.runtime.test_node import _ghost, eventually
+
+
+@contextlib.asynccontextmanager
+async def beside_a_dead_node(
+    make_settings: SettingsFactory, redis: Redis, sids: list[str], *, resumable: bool
+) -> AsyncIterator[Node]:
+    """A live node with no maintenance pass of its own (tests run it), and a dead one,
+    ``ghost``, whose lease has lapsed, holding sessions ``sids`` of call ``c``."""
+    settings = make_settings(node_id="a-node", node_ttl=10.0, maintenance_interval=3600.0)
+    async with running_node(settings, redis) as node:
+        await wait_ready(node)
+        await _ghost(make_settings(node_ttl=1.0), redis, sids, resumable=resumable)
+        await asyncio.sleep(1.2)  # the ghost's lease lapses
+        yield node
 
 
 async def _runs(node: Node, ref: str) -> bool:
@@ -98,12 +113,8 @@ async def test_redis_errors_while_taking_over_fail_no_session(
     """A dead node's sessions meet Redis errors as they are taken over: one while its
     record is read (it waits for the next pass, the others go on), two as it resumes
     (retried). Each resumes, none ends."""
-    settings = make_settings(node_id="a-node", node_ttl=10.0, maintenance_interval=3600.0)
-    async with running_node(settings, redis) as node:
-        await wait_ready(node)
-        sids = ["s0", "s1", "s2"]
-        await _ghost(make_settings(node_ttl=1.0), redis, sids, resumable=True)
-        await asyncio.sleep(1.2)  # the ghost's lease lapses
+    sids = ["s0", "s1", "s2"]
+    async with beside_a_dead_node(make_settings, redis, sids, resumable=True) as node:
         failures = {"get": 1, "mark_running": 2}
 
         def failing(name: str, original: Callable[..., Awaitable[Any]]) -> Any:
@@ -142,12 +153,8 @@ async def test_a_redis_error_as_a_lost_session_ends_leaves_it_for_the_next_pass(
     ended, then its slot released. A Redis error at the first step leaves the slot on the
     dead node, so the next pass ends it; nothing stays "running" with no slot to find it
     by (released first, that is what a failed end left behind)."""
-    settings = make_settings(node_id="a-node", node_ttl=10.0, maintenance_interval=3600.0)
-    async with running_node(settings, redis) as node:
-        await wait_ready(node)
-        sids = ["s0", "s1", "s2"]
-        await _ghost(make_settings(node_ttl=1.0), redis, sids, resumable=False)
-        await asyncio.sleep(1.2)  # the ghost's lease lapses
+    sids = ["s0", "s1", "s2"]
+    async with beside_a_dead_node(make_settings, redis, sids, resumable=False) as node:
         failures = 1
         end = node.registry.end
 
